@@ -1,0 +1,1 @@
+"""Lightning callbacks: curriculum advance, generation-based validation F1, adapter checkpoints."""

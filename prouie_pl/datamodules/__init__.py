@@ -1,0 +1,1 @@
+"""LightningDataModules: reading, curriculum phases, sampling, tokenisation and collation."""
