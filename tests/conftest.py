@@ -50,4 +50,4 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from prouie_pl.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), hidden_size=64, num_layers=2, num_heads=2,
-                            num_kv_heads=1, intermediate_size=128, vocab_size=1000)
+                            num_kv_heads=1, intermediate_size=128, vocab_size=1000, pretrain_steps=0)

@@ -65,6 +65,7 @@ def test_tiny_model_loads_through_auto_classes_and_generates(tiny_model_dir):
 
 
 def test_tiny_model_command(tmp_path):
-    assert main(["tiny-model", "--out", str(tmp_path / "m"), "--hidden_size", "32", "--num_layers", "1", "--vocab_size", "600"]) == 0
+    assert main(["tiny-model", "--out", str(tmp_path / "m"), "--hidden_size", "32", "--num_layers", "1", "--vocab_size", "600", "--pretrain_steps", "3"]) == 0
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["hidden_size"] == 32 and cfg["num_hidden_layers"] == 1 and cfg["vocab_size"] <= 600
+    assert json.loads((tmp_path / "m" / "pretraining.json").read_text())["steps"] == 3

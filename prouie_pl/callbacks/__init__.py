@@ -1,1 +1,8 @@
-"""Lightning callbacks: curriculum advance, generation-based validation F1, adapter checkpoints."""
+"""Lightning callbacks: curriculum advance, generation-based evaluation, adapter export."""
+
+from .adapter_export import AdapterExport
+from .checkpoints import RankConsistencyCheck, StageCheckpoint
+from .curriculum import CurriculumCallback
+from .generation_eval import GenerationEvaluator
+
+__all__ = ["AdapterExport", "CurriculumCallback", "GenerationEvaluator", "RankConsistencyCheck", "StageCheckpoint"]

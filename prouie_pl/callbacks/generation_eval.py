@@ -1,0 +1,155 @@
+"""``GenerationEvaluator``: generation-based validation, test and predict.
+
+The module decodes greedily in its ``*_step`` (capped dev sample per data set for validation); this callback
+collects the outputs (across ranks), parses and scores them with the scorer, logs ``val/f1`` (the mean of the
+task scores, what early stopping watches), ``val/f1_NER`` ``val/f1_RE`` ``val/f1_EE``, the parse-failure and
+truncation rates, and prints a small table of sample predictions.  ``test`` and ``predict`` write
+``predictions.jsonl`` (the format ``evaluate`` reads) and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+
+from ..scoring import Scorer, overall_f1, task_scores
+
+
+def _gather(items: list) -> list:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, items)
+        return [x for p in parts for x in p]
+    return items
+
+
+class GenerationEvaluator(L.Callback):
+    """Scores decoded outputs; writes predictions and reports for test and predict.
+
+    Args:
+        output_dir: where test/predict write ``predictions.jsonl`` and ``report.json`` (default: the trainer's
+            ``default_root_dir``).
+        sample_rows: how many sample predictions the validation table shows (0: none).
+        mode: scorer mode, ``strict`` or ``instructuie``.
+    """
+
+    def __init__(self, output_dir: Optional[str] = None, sample_rows: int = 4, mode: str = "strict"):
+        self.output_dir = output_dir
+        self.sample_rows = sample_rows
+        self.mode = mode
+        self._rows: list = []
+        self.last_report: Optional[dict] = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ collection
+
+    def _reset(self, *args) -> None:
+        self._rows = []
+
+    on_validation_epoch_start = _reset
+    on_test_epoch_start = _reset
+    on_predict_epoch_start = _reset
+
+    def _collect(self, outputs) -> None:
+        if not outputs:
+            return
+        for rec, out, cut in zip(outputs["records"], outputs["outputs"], outputs["truncated"]):
+            self._rows.append((rec, out, cut))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _score(self) -> tuple[dict, list]:
+        rows = _gather([(r, o, c) for r, o, c in self._rows])
+        rows.sort(key=lambda x: (x[0].task, x[0].dataset, x[0].index))
+        scorer = Scorer(self.mode)
+        for rec, out, _ in rows:
+            scorer.add(rec, out)
+        report = scorer.report()
+        report["overall_f1"] = round(overall_f1(report), 4)
+        report["truncated_outputs"] = sum(1 for _, _, c in rows if c)
+        report["n"] = len(rows)
+        return report, rows
+
+    def _log(self, pl_module, prefix: str, report: dict) -> None:
+        n = max(1, report["n"])
+        pl_module.log(f"{prefix}/f1", float(report["overall_f1"]), prog_bar=True, sync_dist=False)
+        for task, f1 in task_scores(report).items():
+            pl_module.log(f"{prefix}/f1_{task}", float(f1), sync_dist=False)
+        # a data set appears under several metrics of its task; count its failures once
+        fails = sum(v["parse_failures"] for m, t in report["tasks"].items() if m in ("NER", "RE_strict", "EE_trigger") for v in t["datasets"].values())
+        pl_module.log(f"{prefix}/parse_failure_rate", fails / n, sync_dist=False)
+        pl_module.log(f"{prefix}/truncated_rate", report["truncated_outputs"] / n, sync_dist=False)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        report, rows = self._score()
+        self.last_report = report
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "f1": report["overall_f1"], **{f"f1_{k}": v for k, v in task_scores(report).items()}})
+        self._log(pl_module, "val", report)
+        if trainer.is_global_zero and self.sample_rows:
+            self._print_samples(rows, report, trainer)
+
+    def _print_samples(self, rows: list, report: dict, trainer) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"validation samples (epoch {trainer.current_epoch}, step {trainer.global_step}, F1 {report['overall_f1']:.1f})", show_lines=True)
+        table.add_column("data set")
+        table.add_column("text", max_width=50)
+        table.add_column("prediction", max_width=60)
+        by_ds: dict = {}
+        for rec, out, _ in rows:
+            by_ds.setdefault((rec.task, rec.dataset), []).append((rec, out))
+        shown = 0
+        per = max(1, self.sample_rows // max(1, len(by_ds)))
+        for (task, ds), items in by_ds.items():
+            for rec, out in items[:per]:
+                if shown >= self.sample_rows:
+                    break
+                table.add_row(f"{task}/{ds}", rec.sentence, out)
+                shown += 1
+        Console().print(table)
+
+    # ------------------------------------------------------------------ test / predict files
+
+    def _folder(self, trainer) -> Path:
+        return Path(self.output_dir or trainer.default_root_dir)
+
+    def _write(self, trainer, split: str) -> dict:
+        report, rows = self._score()
+        report["split"] = split
+        self.last_report = report
+        if trainer.is_global_zero:
+            folder = self._folder(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            with (folder / "predictions.jsonl").open("w", encoding="utf-8") as fh:
+                for rec, out, cut in rows:
+                    fh.write(json.dumps({"task": rec.task, "dataset": rec.dataset, "index": rec.index, "output": out, "truncated": cut}, ensure_ascii=False) + "\n")
+            (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            from ..evaluate import print_report
+
+            print_report(report, title=f"{split} split")
+            print(f"wrote {folder / 'predictions.jsonl'} and {folder / 'report.json'}")
+        return report
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        report = self._write(trainer, "test")
+        self._log(pl_module, "test", report)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        split = getattr(trainer.datamodule, "predict_split", "test") if getattr(trainer, "datamodule", None) is not None else "test"
+        self._write(trainer, split)

@@ -1,0 +1,214 @@
+"""Tokenisation, collation and batch sampling.
+
+* :func:`encode_sft`: prompt through the tokenizer's chat template, answer plus end token; labels mask the
+  prompt so the loss covers the answer and the end token only.  Over-long examples are cut at the end of the
+  answer (and counted); an example whose prompt alone is too long is dropped (and counted).
+* :class:`LengthGroupedBatchSampler`: batches of similar length (within shuffled mega-batches) to cut
+  padding, sharded across ranks by itself (so it needs ``use_distributed_sampler=False``), reshuffled per epoch.
+* :class:`ResumableDataLoader`: tells Lightning how many batches of the current epoch were consumed, so a run
+  resumed from a mid-epoch checkpoint continues with the next batch instead of replaying the epoch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..schema import Record
+
+IGNORE_INDEX = -100
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the user turn followed by the assistant header (generation prompt)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:  # a base model without a template: a plain, documented fallback
+        text = f"{prompt}\nAnswer: "
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer, target: str) -> list[int]:
+    return tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def encode_sft(tokenizer, prompt: str, target: str, max_length: int) -> Optional[Encoded]:
+    p = chat_prompt_ids(tokenizer, prompt)
+    a = answer_ids(tokenizer, target)
+    if len(p) >= max_length:
+        return None
+    ids = (p + a)[:max_length]
+    labels = ([IGNORE_INDEX] * len(p) + a)[:max_length]
+    return Encoded(ids, labels, len(p) + len(a) > max_length)
+
+
+class RecordList:
+    """Gold records carried through a batch untouched (Lightning moves tensors, not these)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Sequence[Record]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class SFTDataset(Dataset):
+    def __init__(self, examples: list[Encoded]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Encoded:
+        return self.examples[i]
+
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.examples]
+
+
+class PromptDataset(Dataset):
+    """Prompts with their gold records, for generation (validation, test, predict, GRPO rollouts)."""
+
+    def __init__(self, records: list[Record], prompt_ids: list[list[int]]):
+        self.records = records
+        self.prompt_ids = prompt_ids
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        return self.records[i], self.prompt_ids[i]
+
+    def lengths(self) -> list[int]:
+        return [len(p) for p in self.prompt_ids]
+
+
+def collate_sft(pad_id: int) -> Callable:
+    def collate(items: list[Encoded]) -> dict:
+        width = max(len(e.input_ids) for e in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, e in enumerate(items):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def collate_prompts(pad_id: int) -> Callable:
+    """Left-padded prompts (generation appends on the right) and the gold records."""
+
+    def collate(items) -> dict:
+        width = max(len(p) for _, p in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, (_, p) in enumerate(items):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        return {"input_ids": ids, "attention_mask": mask, "records": RecordList([r for r, _ in items])}
+
+    return collate
+
+
+class LengthGroupedBatchSampler(Sampler):
+    """Index batches; similar lengths together when ``group_by_length``; this rank's share only."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, group_by_length: bool = True,
+                 seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
+                 mega_batch_mult: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, not {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.seed = seed
+        self.epoch = epoch
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = drop_last
+        self.mega = mega_batch_mult
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}/{self.epoch}")
+        idx = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(idx)
+        step = self.batch_size
+        if self.group_by_length:
+            size = step * self.mega * self.num_replicas
+            chunks = []
+            for s in range(0, len(idx), size):
+                mega = sorted(idx[s:s + size], key=lambda i: -self.lengths[i])
+                chunks.extend(mega[j:j + step] for j in range(0, len(mega), step))
+            batches = chunks
+            if self.shuffle:
+                rng.shuffle(batches)
+        else:
+            batches = [idx[j:j + step] for j in range(0, len(idx), step)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == step]
+        if self.num_replicas > 1 and batches:
+            per_rank = -(-len(batches) // self.num_replicas)
+            total = per_rank * self.num_replicas
+            batches = batches + batches[: total - len(batches)]
+            batches = batches[self.rank::self.num_replicas]
+        return batches
+
+    def __iter__(self):
+        batches = self._all_batches()
+        skip, self.skip = self.skip, 0
+        return iter(batches[skip:])
+
+    def __len__(self) -> int:
+        """Batches of a whole epoch on this rank (a resumed epoch yields fewer, the loop ends when they run out)."""
+        return len(self._all_batches())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`LengthGroupedBatchSampler` that Lightning can resume mid-epoch.
+
+    ``consumed`` reports how many of this epoch's batches training has processed (taken from the trainer at
+    checkpoint time, so batches the fetcher prefetched are not counted); loading that state makes the next
+    iteration skip them.
+    """
+
+    def __init__(self, *args, consumed: Optional[Callable[[], int]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._consumed = consumed
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.batch_sampler.epoch, "consumed": int(self._consumed()) if self._consumed else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("epoch") == self.batch_sampler.epoch:
+            self.batch_sampler.skip = int(state.get("consumed", 0))

@@ -1,0 +1,314 @@
+"""``UIEDataModule``: the one LightningDataModule of all three ProUIE stages.
+
+* ``stage="cm"`` (Complete Modeling): the full training data in curriculum phases NER -> RE -> EE
+  (:mod:`.curriculum`), full target format, supervised batches.
+* ``stage="sa"`` (Streamlined Alignment): a stratified sample per data set (:mod:`.sampling`), concise
+  format, supervised batches.
+* ``stage="de"`` (Deep Exploration): prompts of the training data (all, or a stratified sample), concise
+  format, with their gold records for the GRPO reward.
+
+Validation, test and predict loaders always yield left-padded prompts with their gold records, for
+generation-based evaluation.  Every loader shards its records across ranks itself, which is why the CLI sets
+``trainer.use_distributed_sampler=False``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..formats import check_format, example
+from ..reader import DataError, LoadReport, load_records
+from ..schema import Record
+from .batching import (
+    LengthGroupedBatchSampler,
+    PromptDataset,
+    ResumableDataLoader,
+    SFTDataset,
+    chat_prompt_ids,
+    collate_prompts,
+    collate_sft,
+    encode_sft,
+)
+from .curriculum import Curriculum, Phase
+from .sampling import stratified_sample
+
+STAGE_FORMAT = {"cm": "full", "sa": "concise", "de": "concise"}
+
+
+def resolve_data_dir(data_dir: str) -> Path:
+    """``demo`` names the embedded demo data; anything else is a path."""
+    if data_dir == "demo":
+        from ..demo_data import demo_data_dir
+
+        return demo_data_dir()
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data.data_dir {data_dir!r} does not exist or is not a folder (expected ROOT/{{NER,RE,EE}}/<Dataset>/)")
+    return path
+
+
+class UIEDataModule(L.LightningDataModule):
+    """Data for the CM, SA and DE stages.
+
+    Args:
+        data_dir: root of the IE INSTRUCTIONS layout, or ``demo`` for the embedded demo data.
+        stage: ``cm`` (curriculum SFT, full format), ``sa`` (sampled SFT, concise) or ``de`` (GRPO prompts).
+        tasks: tasks to use (NER, RE, EE); default all present.
+        datasets: data sets by ``Name`` or ``TASK/Name``; default all.
+        max_train_records: cap on training records per data set (before SA sampling).
+        max_val_records: cap per data set on the dev records decoded in generation-based validation.
+        max_test_records: cap per data set on test (and predict) records.
+        on_error: bad records stop the run (``error``) or are dropped and counted (``skip``).
+        target_format: override the stage's format (``full`` for cm, ``concise`` for sa and de).
+        schedule: CM curriculum: ``sequential`` (one phase per task), ``cumulative`` or ``mixed``.
+        epochs_per_phase: epochs of each CM phase (one number for all, or one per phase).
+        replay_fraction: sequential schedule: share of each earlier task's records mixed into later phases.
+        sample_per_dataset: SA/DE: records sampled per data set (stratified by number of structural units).
+        sample_fraction: SA/DE: fraction sampled per data set instead of a count.
+        shuffle_labels: shuffle the label order of training prompts (and full-format keys) per epoch.
+        tokenizer: tokenizer path or hub id; default the model's own tokenizer.
+        max_seq_length: cap on prompt + answer tokens; longer answers are cut and counted.
+        batch_size: training batch size per device (GRPO: prompts per step).
+        eval_batch_size: prompts per generation batch in validation, test and predict.
+        group_by_length: batch records of similar length together to cut padding.
+        num_workers: DataLoader worker processes.
+        predict_split: split decoded by ``predict``.
+        seed: seed of sampling, shuffling and label shuffling.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "demo",
+        stage: Literal["cm", "sa", "de"] = "cm",
+        tasks: Optional[list[str]] = None,
+        datasets: Optional[list[str]] = None,
+        max_train_records: Optional[int] = None,
+        max_val_records: Optional[int] = 50,
+        max_test_records: Optional[int] = None,
+        on_error: Literal["error", "skip"] = "error",
+        target_format: Optional[Literal["full", "concise"]] = None,
+        schedule: Literal["sequential", "cumulative", "mixed"] = "sequential",
+        epochs_per_phase: Union[int, list[int]] = 1,
+        replay_fraction: float = 0.0,
+        sample_per_dataset: Optional[int] = None,
+        sample_fraction: Optional[float] = None,
+        shuffle_labels: bool = False,
+        tokenizer: Optional[str] = None,
+        max_seq_length: int = 1024,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        predict_split: Literal["train", "dev", "test"] = "test",
+        seed: int = 42,
+    ):
+        super().__init__()
+        if stage not in STAGE_FORMAT:
+            raise ValueError(f"data.stage must be one of cm, sa, de, not {stage!r}")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.stage = stage
+        self.tasks = tasks
+        self.datasets = datasets
+        self.max_train_records = max_train_records
+        self.max_val_records = max_val_records
+        self.max_test_records = max_test_records
+        self.on_error = on_error
+        self.format = check_format(target_format or STAGE_FORMAT[stage], "data.target_format")
+        self.schedule = schedule
+        self.epochs_per_phase = epochs_per_phase
+        self.replay_fraction = replay_fraction
+        self.sample_per_dataset = sample_per_dataset
+        self.sample_fraction = sample_fraction
+        self.shuffle_labels = shuffle_labels
+        self.tokenizer_name = tokenizer
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.predict_split = predict_split
+        self.seed = seed
+        if stage == "cm" and (sample_per_dataset is not None or sample_fraction is not None):
+            raise ValueError("data.sample_per_dataset / data.sample_fraction apply to the sa and de stages; CM trains on the full data")
+        if stage == "sa" and sample_per_dataset is None and sample_fraction is None:
+            raise ValueError("the sa stage needs data.sample_per_dataset or data.sample_fraction")
+        self._tokenizer = None
+        self.train_records: list[Record] = []
+        self.val_records: list[Record] = []
+        self.test_records: list[Record] = []
+        self.predict_records: list[Record] = []
+        self.curriculum: Optional[Curriculum] = None
+        self.stats: Counter = Counter()
+        self._encoded_cache: dict = {}
+        self._announced_phase: Optional[int] = None
+        self.load_report = LoadReport()
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.tokenizer_name is not None:
+                from ..modeling import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+            elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
+                self._tokenizer = self.trainer.lightning_module.tokenizer
+            else:
+                raise RuntimeError("UIEDataModule needs a tokenizer: pass data.tokenizer or attach it to a trainer with a ProUIE module")
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self._tokenizer = tok
+
+    def _load(self, split: str, cap: Optional[int]) -> list[Record]:
+        return load_records(resolve_data_dir(self.data_dir), split, self.tasks, self.datasets, cap, self.on_error, self.load_report)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            if not self.train_records:
+                records = self._load("train", self.max_train_records)
+                if not records:
+                    raise DataError(f"no training records under {self.data_dir} for the selected tasks/datasets")
+                if self.stage in ("sa", "de") and (self.sample_per_dataset is not None or self.sample_fraction is not None):
+                    records = stratified_sample(records, self.sample_per_dataset, self.sample_fraction, self.seed)
+                self.train_records = records
+                if self.stage == "cm":
+                    present = sorted({r.task for r in records})
+                    self.curriculum = Curriculum(self.schedule, present, self.epochs_per_phase, self.replay_fraction)
+                    rank_zero_info(f"[prouie] CM curriculum {self.curriculum.describe()}")
+                rank_zero_info(f"[prouie] {self.stage} training records: " + ", ".join(f"{t}/{d} {n}" for (t, d), n in Counter((r.task, r.dataset) for r in records).items()))
+            if not self.val_records:
+                self.val_records = self._load("dev", self.max_val_records)
+        if stage == "validate" and not self.val_records:
+            self.val_records = self._load("dev", self.max_val_records)
+        if stage == "test" and not self.test_records:
+            self.test_records = self._load("test", self.max_test_records)
+        if stage == "predict" and not self.predict_records:
+            self.predict_records = self._load(self.predict_split, self.max_test_records)
+        if self.load_report.skipped:
+            rank_zero_info(f"[prouie] {self.load_report.summary()}")
+
+    # ------------------------------------------------------------------ distribution
+
+    def _world(self) -> tuple[int, int]:
+        t = self.trainer
+        if t is None:
+            return 1, 0
+        return max(1, t.world_size), t.global_rank
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    # ------------------------------------------------------------------ training data
+
+    def phase_records(self, epoch: int) -> tuple[Optional[Phase], list[Record]]:
+        """Records trained in ``epoch`` (CM: the epoch's curriculum phase with replay)."""
+        if self.curriculum is None:
+            return None, list(self.train_records)
+        phase = self.curriculum.phase(epoch)
+        recs = [r for r in self.train_records if r.task in phase.tasks]
+        if phase.replay_tasks and self.replay_fraction > 0:
+            rng = random.Random(f"{self.seed}/replay/{epoch}")
+            for task in phase.replay_tasks:
+                pool = [r for r in self.train_records if r.task == task]
+                k = int(round(self.replay_fraction * len(pool)))
+                recs.extend(rng.sample(pool, k))
+        return phase, recs
+
+    def _encode(self, records: list[Record], epoch: int) -> SFTDataset:
+        tok = self.tokenizer
+        rng = random.Random(f"{self.seed}/labels/{epoch}")
+        out = []
+        for rec in records:
+            key = (rec.uid, self.format)
+            enc = None if self.shuffle_labels else self._encoded_cache.get(key)
+            if enc is None:
+                prompt, target = example(rec, self.format, self.shuffle_labels, rng)
+                enc = encode_sft(tok, prompt, target, self.max_seq_length)
+                if not self.shuffle_labels:
+                    self._encoded_cache[key] = enc if enc is not None else False
+            if enc is False or enc is None:
+                self.stats["dropped: prompt longer than max_seq_length"] += 1
+                continue
+            if enc.truncated:
+                self.stats["answer cut at max_seq_length"] += 1
+            out.append(enc)
+        return SFTDataset(out)
+
+    def train_dataloader(self):
+        epoch = self._epoch()
+        phase, records = self.phase_records(epoch)
+        if phase is not None and self._announced_phase != self.curriculum.phase_index(epoch):
+            self._announced_phase = self.curriculum.phase_index(epoch)
+            rank_zero_info(f"[prouie] epoch {epoch}: curriculum phase {self._announced_phase + 1}/{len(self.curriculum.phases)} ({phase.name}), {len(records)} records")
+        world, rank = self._world()
+        if self.stage == "de":
+            dataset = self._prompts(records)
+            collate = collate_prompts(self.tokenizer.pad_token_id)
+        else:
+            self.stats.clear()
+            dataset = self._encode(records, epoch)
+            if self.stats:
+                rank_zero_info("[prouie] " + ", ".join(f"{n} {k}" for k, n in self.stats.items()))
+            collate = collate_sft(self.tokenizer.pad_token_id)
+        if len(dataset) == 0:
+            raise DataError(f"no training examples left for epoch {epoch} (raise data.max_seq_length?)")
+        sampler = LengthGroupedBatchSampler(dataset.lengths(), self.batch_size, shuffle=True, group_by_length=self.group_by_length,
+                                            seed=self.seed, epoch=epoch, num_replicas=world, rank=rank)
+        consumed = None
+        if self.trainer is not None:
+            loop = self.trainer.fit_loop.epoch_loop
+            consumed = lambda: loop.batch_progress.current.processed  # noqa: E731
+        return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, consumed=consumed)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        _, records = self.phase_records(epoch)
+        world, _ = self._world()
+        return max(1, math.ceil(math.ceil(len(records) / self.batch_size) / world))
+
+    def planned_optimizer_steps(self, max_epochs: int, accumulate: int = 1) -> int:
+        """Optimizer steps over ``max_epochs`` epochs (phases may differ in size), for LR schedules."""
+        return sum(math.ceil(self.batches_in_epoch(e) / accumulate) for e in range(max_epochs))
+
+    # ------------------------------------------------------------------ generation data
+
+    def _prompts(self, records: list[Record]) -> PromptDataset:
+        tok = self.tokenizer
+        from ..formats import build_prompt
+
+        return PromptDataset(records, [chat_prompt_ids(tok, build_prompt(r, self.format)) for r in records])
+
+    def _eval_loader(self, records: list[Record]):
+        world, rank = self._world()
+        shard = records[rank::world]
+        dataset = self._prompts(shard)
+        # decode in length order: batches of similar prompt length pad less
+        sampler = LengthGroupedBatchSampler(dataset.lengths(), self.eval_batch_size, shuffle=False, group_by_length=True, seed=self.seed)
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_prompts(self.tokenizer.pad_token_id), num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return self._eval_loader(self.val_records)
+
+    def test_dataloader(self):
+        return self._eval_loader(self.test_records)
+
+    def predict_dataloader(self):
+        return self._eval_loader(self.predict_records)
+
+    def records_by_dataset(self, records: list[Record]) -> dict[tuple[str, str], int]:
+        counts: dict = defaultdict(int)
+        for r in records:
+            counts[(r.task, r.dataset)] += 1
+        return dict(counts)

@@ -1,0 +1,116 @@
+"""``SFTModule``: supervised fine-tuning for the Complete Modeling and Streamlined Alignment stages.
+
+Causal-LM loss on the answer tokens only (the data module masks the prompt): the decoder runs for hidden
+states and :func:`prouie_pl.kernels.linear_token_logprobs` applies the LM head only at answer positions, in
+chunks, so the ``[batch, length, vocabulary]`` logits tensor is never built.  AdamW (or bitsandbytes' paged
+8-bit AdamW) with linear warm-up and cosine decay.  Logs loss, learning rate and non-padding tokens per
+second.  Starts from an earlier stage's adapter with ``model.lora.init_adapter`` (SA from CM).
+
+Raises ``ValueError`` for an unknown optimizer or a warm-up outside [0, 1).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, Optional
+
+import torch
+
+from .datamodules.batching import IGNORE_INDEX
+from .kernels import linear_token_logprobs
+from .modeling import BaseModelSettings, LoRASettings, decoder_and_head
+from .optim import OPTIMIZERS, make_optimizer, warmup_cosine
+from .uie_module import GenerationSettings, UIEModule
+
+def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean negative log-likelihood of the answer tokens, and how many there were."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h = hidden[:, :-1][keep]
+    lp = linear_token_logprobs(h, head.weight, targets[keep], bias=head.bias)
+    n = int(keep.sum())
+    return -lp.sum() / max(n, 1), n
+
+
+class SFTModule(UIEModule):
+    """Supervised fine-tuning of LoRA adapters on the answer tokens.
+
+    Args:
+        base: the frozen base model (``model.base.*``).
+        lora: LoRA adapters (``model.lora.*``); ``init_adapter`` starts from an earlier stage.
+        generation: greedy decoding for evaluation.
+        learning_rate: peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: share of the planned optimizer steps spent in linear warm-up.
+        min_lr_ratio: floor of the cosine decay as a share of the peak.
+        optimizer: ``adamw`` or ``paged_adamw_8bit`` (bitsandbytes).
+    """
+
+    def __init__(
+        self,
+        base: Optional[BaseModelSettings] = None,
+        lora: Optional[LoRASettings] = None,
+        generation: Optional[GenerationSettings] = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
+    ):
+        super().__init__(base, lora, generation)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio must lie in [0, 1), not {warmup_ratio}")
+        self.save_hyperparameters()
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_ratio = warmup_ratio
+        self.min_lr_ratio = min_lr_ratio
+        self.optimizer_name = optimizer
+        self._t0: Optional[float] = None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, n_answer = answer_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/answer_tokens", float(n_answer), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._t0 is None:
+            return
+        dt = time.perf_counter() - self._t0
+        tokens = float(batch["attention_mask"].sum())
+        self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
+        self.log("train/padding_share", 1.0 - tokens / batch["attention_mask"].numel(), batch_size=1)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            self.log("train/lr", sched.get_last_lr()[0], batch_size=1)
+
+    def planned_steps(self) -> int:
+        t = self.trainer
+        accumulate = t.accumulate_grad_batches
+        dm = getattr(t, "datamodule", None)
+        steps = None
+        if dm is not None and hasattr(dm, "planned_optimizer_steps") and t.max_epochs not in (None, -1):
+            steps = dm.planned_optimizer_steps(t.max_epochs, accumulate)
+        if t.max_steps and t.max_steps > 0:
+            steps = min(steps, t.max_steps) if steps else t.max_steps
+        if not steps:
+            steps = int(t.estimated_stepping_batches)
+        return max(1, steps)
+
+    def configure_optimizers(self):
+        opt = make_optimizer(self.parameters(), self.optimizer_name, self.learning_rate, self.betas, self.weight_decay)
+        total = self.planned_steps()
+        warmup = int(self.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, self.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

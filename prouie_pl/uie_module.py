@@ -1,0 +1,147 @@
+"""``UIEModule``: what the SFT and GRPO LightningModules share.
+
+It owns the language model (built in ``configure_model`` so configs parse without loading weights, and so
+sharded strategies can wrap it), the tokenizer, greedy decoding for validation/test/predict, and adapter-only
+checkpoints: Lightning checkpoints hold the trainable (LoRA) weights and optimizer state, never the frozen base,
+which is rebuilt from ``model.base`` on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import lightning as L
+import torch
+
+from .modeling import BaseModelSettings, LoRASettings, load_model, load_tokenizer
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding for evaluation (greedy).
+
+    Args:
+        max_new_tokens: cap on generated tokens per answer; answers cut there count as truncated.
+    """
+
+    max_new_tokens: int = 256
+
+
+class UIEModule(L.LightningModule):
+    """Base class: the LLM, its tokenizer, evaluation decoding and adapter-only checkpoints."""
+
+    def __init__(self, base: Optional[BaseModelSettings] = None, lora: Optional[LoRASettings] = None,
+                 generation: Optional[GenerationSettings] = None):
+        super().__init__()
+        self.base_settings = base or BaseModelSettings()
+        self.lora_settings = lora if lora is not None else LoRASettings()
+        self.generation_settings = generation or GenerationSettings()
+        self.model = None
+        self._tokenizer = None
+        # checkpoints hold only the trainable weights; the frozen base comes from model.base
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base_settings.name_or_path)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = None
+        if self._trainer is not None:
+            device = self.trainer.strategy.root_device
+            self._check_strategy()
+        self.model = load_model(self.base_settings, self.lora_settings, device)
+
+    def _check_strategy(self) -> None:
+        name = type(self.trainer.strategy).__name__.lower()
+        if self.base_settings.quantization == "nf4" and ("fsdp" in name or "deepspeed" in name):
+            raise ValueError(
+                f"model.base.quantization=nf4 with trainer.strategy={type(self.trainer.strategy).__name__} is not supported: "
+                "4-bit weights cannot be sharded here. Use trainer.strategy=ddp (each GPU holds the 4-bit base) "
+                "or model.base.quantization=none with bf16 weights for FSDP/DeepSpeed."
+            )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        checkpoint["prouie_base"] = asdict(self.base_settings)
+
+    def load_adapter_weights(self, folder: str) -> None:
+        """Load the weights of a saved adapter (same LoRA shape) into the current model."""
+        from pathlib import Path
+
+        from peft import set_peft_model_state_dict
+
+        path = Path(folder)
+        st = path / "adapter_model.safetensors"
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            weights = load_file(str(st))
+        else:
+            weights = torch.load(path / "adapter_model.bin", map_location="cpu")
+        result = set_peft_model_state_dict(self.model, weights)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise ValueError(f"adapter {folder} does not fit this model: unexpected keys {missing[:3]}")
+
+    def save_adapter(self, folder: str) -> None:
+        """The adapter in PEFT format (``PeftModel.from_pretrained`` loads it) plus the tokenizer."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.no_grad()
+    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: Optional[int] = None) -> tuple[list[str], list[bool]]:
+        """Greedy answers for a left-padded prompt batch, and whether each was cut by the length limit."""
+        tok = self.tokenizer
+        limit = max_new_tokens or self.generation_settings.max_new_tokens
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=limit, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+        if was_training:
+            self.model.train()
+        new = out[:, input_ids.shape[1]:]
+        ended = (new == tok.eos_token_id).any(dim=1)
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        return texts, [not bool(e) for e in ended]
+
+    def _decode_step(self, batch: dict) -> dict:
+        texts, cut = self.generate_texts(batch["input_ids"], batch["attention_mask"])
+        return {"records": batch["records"].items, "outputs": texts, "truncated": cut}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._decode_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._decode_step(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self._decode_step(batch)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def configure_callbacks(self):
+        """Add the callbacks every ProUIE run needs unless the config already has them."""
+        from .callbacks import CurriculumCallback, GenerationEvaluator
+
+        present = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
+        extra = []
+        if not any(issubclass(t, GenerationEvaluator) for t in present):
+            extra.append(GenerationEvaluator())
+        if not any(issubclass(t, CurriculumCallback) for t in present):
+            extra.append(CurriculumCallback())
+        return extra

@@ -1,0 +1,73 @@
+"""Helpers for the training tests: small data folders, stage configs derived from the shipped ones, in-process runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_subset(records_by_dataset: dict, root: Path, dev_same_as_train: bool = True) -> Path:
+    """Write records (``{(task, name): (schema_labels, [raw records])}``) in the IE INSTRUCTIONS layout."""
+    for (task, name), (labels, raws) in records_by_dataset.items():
+        folder = root / task / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "labels.json").write_text(json.dumps(labels))
+        for split in ("train", "dev", "test"):
+            (folder / f"{split}.json").write_text(json.dumps(raws))
+    return root
+
+
+def raw_record(rec) -> dict:
+    """A Record back in the layout's JSON form."""
+    if rec.task == "NER":
+        return {"sentence": rec.sentence, "entities": [{"name": e.name, "type": e.type, "pos": list(e.pos) if e.pos else None} for e in rec.entities]}
+    if rec.task == "RE":
+        ent = lambda e: {"name": e.name, "type": e.type, **({"pos": list(e.pos)} if e.pos else {})}  # noqa: E731
+        return {"sentence": rec.sentence, "relations": [{"head": ent(r.head), "type": r.type, "tail": ent(r.tail)} for r in rec.relations]}
+    return {"sentence": rec.sentence, "events": [{"trigger": e.trigger, "type": e.type, **({"pos": list(e.pos)} if e.pos else {}),
+                                                  "arguments": [{"name": a.name, "role": a.role, **({"pos": list(a.pos)} if a.pos else {})} for a in e.arguments]}
+                                                 for e in rec.events]}
+
+
+def schema_labels(schema):
+    return {t: list(r) for t, r in schema.roles.items()} if schema.task == "EE" else list(schema.labels)
+
+
+def stage_config(base: str, out: Path, **changes) -> Path:
+    """A copy of ``configs/tiny/<base>.yaml`` with dotted keys changed (``"trainer.max_epochs": 3``); None deletes."""
+    cfg = yaml.safe_load((REPO / "configs" / "tiny" / f"{base}.yaml").read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        if value is None:
+            node.pop(keys[-1], None)
+        else:
+            node[keys[-1]] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def no_progress_callbacks(extra: Optional[list] = None, keep=("StageCheckpoint", "AdapterExport", "GenerationEvaluator", "CurriculumCallback")) -> list:
+    cfg = yaml.safe_load((REPO / "configs" / "tiny" / "cm.yaml").read_text())
+    cbs = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].rsplit(".", 1)[-1] in keep]
+    return cbs + (extra or [])
+
+
+def metrics_rows(root: Path) -> list[dict]:
+    rows = []
+    for p in sorted(Path(root).glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        rows.extend(csv.DictReader(p.open()))
+    return rows
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
