@@ -1,0 +1,6 @@
+"""The Deep Exploration stage: GRPO with stepwise fine-grained rewards (rollout, reward, advantage, loss)."""
+
+from .module import GRPOModule
+from .rollout import Rollout, RolloutSettings, generate_rollouts
+
+__all__ = ["GRPOModule", "Rollout", "RolloutSettings", "generate_rollouts"]
