@@ -87,7 +87,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_model import build_tiny_model
 
     out = build_tiny_model(args.out, corpus=args.corpus, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                           num_layers=args.num_layers, seed=args.seed)
+                           num_layers=args.num_layers, pretrain_steps=args.pretrain_steps, seed=args.seed)
     print(f"saved a tiny model and tokenizer to {out} (load with AutoModelForCausalLM/AutoTokenizer.from_pretrained)")
     return 0
 
@@ -129,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", description=COMMANDS["tiny-model"])
     p.add_argument("--out", required=True)
-    p.add_argument("--corpus", default=None, help="IE INSTRUCTIONS root the tokenizer learns from (default: the demo data)")
+    p.add_argument("--corpus", default=None, help="IE INSTRUCTIONS root whose training split trains the tokenizer and base (default: the demo data)")
     p.add_argument("--vocab_size", type=int, default=2000)
     p.add_argument("--hidden_size", type=int, default=256)
     p.add_argument("--num_layers", type=int, default=4)
+    p.add_argument("--pretrain_steps", type=int, default=600, help="language-model steps on the corpus's training texts before saving (0: random base)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 

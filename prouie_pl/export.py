@@ -1,0 +1,45 @@
+"""``python -m prouie_pl export``: merge a LoRA adapter into its base and save a plain Hugging Face model.
+
+The base is loaded in bf16 (or the ``--dtype`` asked for), never 4-bit: merging into quantised weights would
+round the adapter away.  The output folder loads with ``AutoModelForCausalLM.from_pretrained`` and needs no
+PEFT; the adapter's tokenizer is saved beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from .modeling import DTYPES, resolve_model_path
+
+
+def export_merged(adapter: str, base: str, out: str, dtype: str = "bfloat16") -> Path:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=DTYPES[dtype])
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.to(DTYPES[dtype])
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir)
+    tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else resolve_model_path(base)
+    AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
+    return out_dir
+
+
+def export_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m prouie_pl export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--adapter", required=True, help="adapter folder (PEFT format), e.g. outputs/demo/de/adapter")
+    ap.add_argument("--base", required=True, help="base model: hub id, local folder, or tiny")
+    ap.add_argument("--out", required=True, help="output folder for the merged model")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the merged weights (default bfloat16)")
+    args = ap.parse_args(list(argv))
+    out = export_merged(args.adapter, args.base, args.out, args.dtype)
+    print(f"saved the merged {args.dtype} model to {out} (AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
