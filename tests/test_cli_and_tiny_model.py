@@ -69,3 +69,18 @@ def test_tiny_model_command(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["hidden_size"] == 32 and cfg["num_hidden_layers"] == 1 and cfg["vocab_size"] <= 600
     assert json.loads((tmp_path / "m" / "pretraining.json").read_text())["steps"] == 3
+
+
+def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    setup = readme.split("## Set up and run", 1)[1].split("###", 1)[0]
+    commands = [line for line in setup.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2
+    main_job, tests = commands
+    assert "pip install torch==2.13.0 && pip install -e ." in main_job and "python -m prouie_pl pipeline" in main_job
+    assert "python -m pytest" in tests
+    ci = (repo / ".ci" / "run").read_text().splitlines()
+    assert tests in ci  # CI runs exactly the README's test command

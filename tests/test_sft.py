@@ -246,7 +246,7 @@ def test_wrong_configuration_names_the_option(tmp_path, capsys, override, expect
 # ------------------------------------------------------------------ every shipped config parses
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if p.name != "pipeline.yaml"))
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if not p.name.startswith("pipeline")))
 def test_shipped_config_parses_against_the_code(path):
     from prouie_pl.lightning_cli import parse_config
 
@@ -259,3 +259,14 @@ def test_shipped_config_parses_against_the_code(path):
     assert type(objs.model).__name__ in ("SFTModule", "GRPOModule")
     assert objs.data.stage in ("cm", "sa", "de")
     assert objs.model.model is None  # no weights are loaded by parsing
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("pipeline*.yaml")))
+def test_shipped_pipeline_config_names_parseable_stages(path):
+    from prouie_pl.pipeline import load_pipeline_config
+
+    assert (REPO / path).read_text().startswith("# python -m prouie_pl pipeline ")
+    cfg = load_pipeline_config(str(REPO / path))
+    assert list(cfg["stages"]) == ["cm", "sa", "de"]
+    for stage_file in cfg["stages"].values():
+        assert Path(stage_file).is_file(), stage_file

@@ -275,7 +275,7 @@ class GRPOModule(UIEModule):
                     tokens = float(m.sum())
                     weight = tokens / max(total_tokens, 1.0) if self.loss_type in ("bnpo", "dapo") else len(rows) / n
                     self.manual_backward(loss * weight)
-                    losses.append(float(loss) * weight)
+                    losses.append(float(loss.detach()) * weight)
                     for k, v in metrics.items():
                         metrics_acc[k] += float(v) * tokens / max(total_tokens, 1.0)
                 self._sync_gradients()

@@ -1,0 +1,164 @@
+"""The CM -> SA -> DE pipeline end to end on a tiny model, and adapter export to a merged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training_helpers import REPO
+
+
+def _pipeline_config(tmp_path: Path, model_dir: Path) -> Path:
+    """The shipped tiny pipeline with a handful of steps per stage and small evaluation sets."""
+    cfg = {
+        "stages": {s: str(REPO / "configs" / "tiny" / f"{s}.yaml") for s in ("cm", "sa", "de")},
+        "overrides": {
+            "model.init_args.base.name_or_path": str(model_dir),
+            "model.init_args.generation.max_new_tokens": 24,
+            "trainer.enable_progress_bar": False,
+            "trainer.log_every_n_steps": 1,
+            "data.max_val_records": 3,
+            "data.max_test_records": 3,
+            "data.eval_batch_size": 9,
+        },
+        "stage_overrides": {
+            "cm": {"trainer.max_epochs": 3, "data.epochs_per_phase": 1, "data.max_train_records": 8},
+            "sa": {"trainer.max_epochs": 1, "data.sample_per_dataset": 8},
+            "de": {"trainer.max_steps": 2, "trainer.val_check_interval": 2, "data.sample_per_dataset": 4,
+                   "model.init_args.rollout.max_new_tokens": 16, "data.batch_size": 2,
+                   "model.init_args.beta": 0.1},  # rewards of an untrained model are all equal; the KL term still moves it
+        },
+        "adapter": "last",
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tmp_path, tiny_model_dir, capsys):
+    from prouie_pl.cli import main
+    from prouie_pl.pipeline import adapter_checksum
+
+    cfg = _pipeline_config(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    assert main(["pipeline", "--config", str(cfg), "--out_dir", str(out)]) == 0
+
+    for stage in ("cm", "sa", "de"):
+        d = out / stage
+        for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/training_config.yaml",
+                     "predictions.jsonl", "report.json", "stage.json", "checkpoints/last.ckpt"):
+            assert (d / name).is_file(), f"{stage}/{name}"
+        lines = (d / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == 9  # 3 test records x 3 data sets
+        assert {"task", "dataset", "index", "output"} <= set(json.loads(lines[0]))
+        report = json.loads((d / "report.json").read_text())
+        assert report["n"] == 9 and "overall_f1" in report
+    for name in ("report.md", "pipeline.json", "f1_by_stage.png", "training_loss.png", "grpo_reward.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    md = (out / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| metric"))
+    assert header.count("|") == 6  # metric, data set and one column per stage
+    for ds in ("DemoNER", "DemoRE", "DemoEE"):
+        assert any(line.startswith("| ") and f"| {ds} |" in line for line in md.splitlines()), ds
+    for png in ("f1_by_stage.png", "training_loss.png", "grpo_reward.png"):
+        assert f"({png})" in md
+
+    info = {s: json.loads((out / s / "stage.json").read_text()) for s in ("cm", "sa", "de")}
+    assert info["cm"]["init_adapter"] is None
+    # SA started from CM's adapter and DE from SA's: the checksums of what each stage loaded match
+    assert info["sa"]["init_adapter"] == info["cm"]["adapter"]
+    assert info["sa"]["init_adapter_checksum"] == info["cm"]["adapter_checksum"] == adapter_checksum(out / "cm" / "adapter")
+    assert info["de"]["init_adapter"] == info["sa"]["adapter"]
+    assert info["de"]["init_adapter_checksum"] == info["sa"]["adapter_checksum"] == adapter_checksum(out / "sa" / "adapter")
+    # each stage trained: its adapter differs from the one it started from
+    assert info["sa"]["adapter_checksum"] != info["cm"]["adapter_checksum"]
+    assert info["de"]["adapter_checksum"] != info["sa"]["adapter_checksum"]
+    sa_cfg = yaml.safe_load((out / "sa" / "adapter" / "training_config.yaml").read_text())
+    assert "init_adapter" in json.dumps(sa_cfg)
+
+    # a second run skips every finished stage and leaves its files alone
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] in ("cm", "sa", "de")}
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(cfg), "--out_dir", str(out)]) == 0
+    said = capsys.readouterr().out
+    for stage in ("cm", "sa", "de"):
+        assert f"{stage} already finished" in said
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # --restart_from de redoes only DE
+    assert main(["pipeline", "--config", str(cfg), "--out_dir", str(out), "--restart_from", "de"]) == 0
+    said = capsys.readouterr().out
+    assert "cm already finished" in said and "sa already finished" in said and "running de" in said
+    assert json.loads((out / "de" / "stage.json").read_text())["init_adapter_checksum"] == info["sa"]["adapter_checksum"]
+
+
+def _random_adapter(model_dir: Path, out: Path, scale: float = 0.05) -> Path:
+    """A LoRA adapter with non-zero weights on every linear layer (as after training)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, scale)
+    peft.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def _greedy(model, tok, prompts: list[str], n: int = 12) -> list[list[int]]:
+    outs = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)
+        gen = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        outs.append(gen[0, ids["input_ids"].shape[1]:].tolist())
+    return outs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_reloads_and_generates_like_adapter_plus_base(tmp_path, tiny_model_dir, dtype):
+    """float32: an untrained model, logits equal.  bfloat16: the pre-trained tiny base, whose greedy choices
+    have real margins (an untrained model's near-ties flip under bf16 rounding either way)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prouie_pl.cli import main
+    from prouie_pl.modeling import resolve_model_path
+
+    if dtype == "bfloat16":
+        tiny_model_dir = Path(resolve_model_path("tiny"))
+    adapter = _random_adapter(tiny_model_dir, tmp_path / "adapter", scale=0.05 if dtype == "float32" else 0.02)
+    out = tmp_path / "merged"
+    assert main(["export", "--adapter", str(adapter), "--base", str(tiny_model_dir), "--out", str(out), "--dtype", dtype]) == 0
+    assert not (out / "adapter_config.json").exists()
+    torch_dtype = getattr(torch, dtype)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch_dtype and not any("lora" in n for n, _ in merged.named_parameters())
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype), adapter).eval()
+    base_only = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype).eval()
+    prompts = ["Text: Ada Lovelace met Charles Babbage in London.", "Task: named entity recognition.", "<|im_start|>user\nhello"]
+    got, want = _greedy(merged.eval(), tok, prompts), _greedy(ref, tok, prompts)
+    assert got == want
+    assert _greedy(base_only, tok, prompts) != want  # the adapter changes what the model says
+    if dtype == "float32":
+        ids = tok(prompts[0], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            assert torch.allclose(merged(**ids).logits, ref(**ids).logits, atol=1e-4)
+
+
+def test_export_rejects_a_folder_without_an_adapter(tmp_path, tiny_model_dir, capsys):
+    from prouie_pl.cli import main
+
+    code = main(["export", "--adapter", str(tmp_path), "--base", str(tiny_model_dir), "--out", str(tmp_path / "m")])
+    assert code == 2
+    assert "adapter_config.json" in capsys.readouterr().err
