@@ -277,7 +277,7 @@ class GRPOModule(UIEModule):
                     self.manual_backward(loss * weight)
                     losses.append(float(loss.detach()) * weight)
                     for k, v in metrics.items():
-                        metrics_acc[k] += float(v) * tokens / max(total_tokens, 1.0)
+                        metrics_acc[k] += float(v) * tokens / max(total_tokens, 1.0) / self.num_iterations
                 self._sync_gradients()
                 if self.max_grad_norm and self.max_grad_norm > 0:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
