@@ -60,6 +60,11 @@ class LoRASettings:
     target_modules: Union[str, list[str]] = "all-linear"
     init_adapter: Optional[str] = None
 
+    def __post_init__(self):
+        # ``--model.init_args.lora.init_adapter null`` on a command line arrives as a string
+        if isinstance(self.init_adapter, str) and self.init_adapter.strip().lower() in ("", "none", "null"):
+            self.init_adapter = None
+
 
 def tiny_model_cache() -> Path:
     return Path(os.environ.get("PROUIE_CACHE", Path.home() / ".cache" / "prouie_pl"))
