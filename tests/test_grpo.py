@@ -274,6 +274,68 @@ def test_second_iteration_sees_the_updated_policy_and_stats_average_the_passes(t
     assert stats["train/loss"] == pytest.approx((first["loss"] + second["loss"]) / 2, rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_skipping_zero_advantage_completions_leaves_the_update_unchanged(warm_adapter, tmp_path, monkeypatch, loss_type):
+    """With beta 0, completions of groups without reward spread may skip the backward pass: same gradient.
+
+    Gradients, not weights, are compared: Adam's first step is blind to the gradient's scale, so a wrong loss
+    normalisation would not show in the weights."""
+
+    class GradSpy(L.Callback):
+        def __init__(self):
+            self.grads: dict[str, torch.Tensor] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is not None}
+
+    runs = {}
+    for skip in (True, False):
+        spy = LossSpy()
+        monkeypatch.setattr(grpo_module, "grpo_loss", spy)
+        cfg = stage_config("de", tmp_path / f"skip_{skip}.yaml", **{
+            "trainer.default_root_dir": str(tmp_path / f"skip_{skip}"),
+            "trainer.max_steps": 1,
+            "trainer.limit_val_batches": 0,
+            "trainer.callbacks": [],
+            "trainer.logger": False,
+            "trainer.enable_checkpointing": False,
+            "model.init_args.lora.init_adapter": str(warm_adapter),
+            "model.init_args.rollout": {"num_generations": 2, "temperature": 1.0, "max_new_tokens": GRPO_MAX_NEW_TOKENS},
+            "model.init_args.advantage": "outcome",
+            "model.init_args.loss_type": loss_type,
+            "model.init_args.beta": 0.0,
+            "model.init_args.learning_rate": 1.0e-2,
+            "model.init_args.warmup_steps": 0,
+            "model.init_args.max_grad_norm": 0.0,
+            "model.init_args.skip_zero_advantage": skip,
+            "data.tasks": ["NER"],
+            "data.sample_per_dataset": None,
+            "data.max_train_records": 8,
+            "data.batch_size": 8,
+            **QUIET,
+        })
+        L.seed_everything(7, verbose=False)
+        cli = build_cli(["--config", str(cfg)], run=False)
+        grads = GradSpy()
+        cli.trainer.callbacks.append(grads)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        runs[skip] = (grads.grads, cli.model.last_step_stats, sum(c["tokens"] for c in spy.calls))
+
+    (g_skip, stats_skip, tokens_skip), (g_all, stats_all, tokens_all) = runs[True], runs[False]
+    # the same seed samples the same completions and rewards on both sides
+    assert stats_skip["train/reward"] == stats_all["train/reward"]
+    assert stats_skip["train/completion_length"] == stats_all["train/completion_length"]
+    zero = stats_skip["train/zero_spread_groups"]
+    assert 0.0 < zero < 1.0, f"this case needs groups with and without reward spread (zero-spread share {zero})"
+    assert tokens_skip < tokens_all  # rows were left out ...
+    assert g_all and set(g_skip) == set(g_all)
+    scale = max(float(g.abs().max()) for g in g_all.values())
+    assert scale > 0
+    for name in g_all:  # ... and the gradient is the same
+        torch.testing.assert_close(g_skip[name], g_all[name], rtol=1e-4, atol=1e-5 * scale)
+
+
 # ------------------------------------------------------------------ QLoRA on the CPU
 
 

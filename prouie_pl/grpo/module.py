@@ -64,6 +64,8 @@ class GRPOModule(UIEModule):
         epsilon_high: upper clip range of the ratio.
         loss_type: aggregation: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
         micro_batch_size: completions per forward/backward pass (None: all of a step at once).
+        skip_zero_advantage: with ``beta = 0`` on one device, leave completions whose advantages are all zero
+            out of the backward pass (their loss and gradient are exactly zero; the update is the same).
         learning_rate: learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -87,6 +89,7 @@ class GRPOModule(UIEModule):
         epsilon_high: float = 0.2,
         loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
         micro_batch_size: Optional[int] = None,
+        skip_zero_advantage: bool = True,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -120,6 +123,7 @@ class GRPOModule(UIEModule):
         self.epsilon_high = epsilon_high
         self.loss_type = loss_type
         self.micro_batch_size = micro_batch_size
+        self.skip_zero_advantage = skip_zero_advantage
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -253,7 +257,7 @@ class GRPOModule(UIEModule):
                 old_lp = self._logprobs_no_grad(rollout, chunks_all, reference=False)
 
         # which completions go through the backward pass
-        skip_ok = self.beta == 0 and world == 1
+        skip_ok = self.skip_zero_advantage and self.beta == 0 and world == 1
         active = row_has_signal if skip_ok else torch.ones(n, dtype=torch.bool, device=mask.device)
         total_tokens = float(mask.sum())
         metrics_acc: dict[str, float] = defaultdict(float)
