@@ -1,0 +1,95 @@
+"""Assemble ``BENCHMARKS.md`` from the result files under ``bench/results/``.
+
+Every benchmark script writes its own table (with the machine, versions and the exact command) to
+``bench/results/<name>.md``; this script puts them in one page with a note on what each number means.  A result
+file that does not exist yet is listed as not run.
+
+    python bench/make_benchmarks_md.py          # rewrites BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+from _common import REPO, RESULTS
+
+SECTIONS = [
+    ("compare_trl", "ProUIE-PL against TRL on the same work", "python bench/compare_trl.py", """\
+SFT: non-padding tokens per second of ProUIE-PL's `SFTModule` and TRL's `SFTTrainer` on the same token ids, labels,
+tiny model, LoRA, batch size, learning rate and step count. GRPO: completions and completion tokens per second of
+`GRPOModule` and TRL's `GRPOTrainer` from the same SFT-warmed adapter with the same outcome reward, group size,
+sampling and completion cap. Runs alternate between the two sides in fresh processes; "ratio of medians" divides
+the medians over runs, "per pair" each ProUIE-PL run by the TRL run after it. Differences in how each side batches
+(length-grouped vs random) and what it skips (groups without reward spread) are part of what is compared and are
+named in the table's notes. Needs `pip install -e ".[bench]"` and the real data."""),
+    ("sft_throughput", "SFT throughput: length-grouped against shuffled batches", "python bench/sft_throughput.py", """\
+The same model, data and batch size trained through the data module's length-grouped batches and through plainly
+shuffled ones, alternating epochs. "padding share" is padded positions over all positions; the ratio compares
+non-padding tokens per second (the work that counts), by wall clock and by process CPU time."""),
+    ("grpo_step", "Where a GRPO step's time goes", "python bench/grpo_step.py", """\
+Seconds per `GRPOModule` step split by the module's own timers into sampling (`generate`), SFR rewards and
+advantages (`reward`), the no-grad reference pass (`reference`, only with beta > 0) and forward, backward and
+optimizer step (`policy`). The target was a reward share below 5 % of a step."""),
+    ("kernels_cpu", "Kernels on the CPU (PyTorch references; Triton under the interpreter is for correctness only)",
+     "python bench/kernels.py --device cpu --threads 1", """\
+Time and peak extra memory of the LM-head log-prob paths, the GRPO loss and the advantage functions. "x matmul" is
+the time of a variant over the bare `hidden @ W.T` forward and backward; "mem vs naive" its peak extra memory over
+`log_softmax` + `gather` on full logits."""),
+    ("kernels_cuda", "Kernels on a GPU (Triton against PyTorch)", "python bench/kernels.py", """\
+The same tables with the Triton kernels on a CUDA device, in float32 and bfloat16."""),
+    ("scorer", "Parser and scorer throughput on every real test split", "python bench/scorer.py", """\
+Parsing and scoring rendered gold targets of all 18 test splits of `../shared/data/uie`, best of three, in the
+strict and the InstructUIE-compatible modes. F1 is 100 by construction: the point is speed and that parsing
+round-trips."""),
+    ("stage_ablation", "Stage ablation on real data (tiny model)", "python bench/stage_ablation.py", """\
+Test F1 per data set and task of CM only, CM+SA, CM+SA+DE and mixed multitask SFT at one optimizer-step budget,
+a tiny model trained from scratch on the CPU. The file says what a model this small can and cannot show."""),
+]
+
+
+def demote(text: str) -> str:
+    """Drop the result file's title line and push its headings two levels down."""
+    lines = text.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(("##" + ln) if ln.startswith("#") else ln for ln in lines).strip()
+
+
+def main() -> int:
+    import torch
+
+    out = [
+        "# Benchmarks",
+        "",
+        "Every table below is written by a script under `bench/` (the command is above each table) into "
+        "`bench/results/`, and this page is put together from those files by `python bench/make_benchmarks_md.py`. "
+        "Each table names the machine, the versions and the load at its start. Speed ratios are measured side by "
+        "side in one invocation; absolute figures from different tables were taken at different times and should "
+        "not be compared with each other.",
+        "",
+        f"Page assembled with Python {platform.python_version()}, torch {torch.__version__}.",
+        "",
+        "## Contents",
+        "",
+    ]
+    for name, title, _, _ in SECTIONS:
+        state = "" if (RESULTS / f"{name}.md").is_file() else " (not run yet)"
+        out.append(f"- [{title}](#{name.replace('_', '-')}){state}")
+    for name, title, cmd, about in SECTIONS:
+        out += ["", f'<a id="{name.replace("_", "-")}"></a>', f"## {title}", "", f"`{cmd}`", "", about, ""]
+        path = RESULTS / f"{name}.md"
+        if path.is_file():
+            out.append(demote(path.read_text(encoding="utf-8")))
+        else:
+            out.append(f"Not run yet: no `bench/results/{name}.md`." + (
+                " It needs a CUDA device." if name == "kernels_cuda" else ""))
+    target = REPO / "BENCHMARKS.md"
+    target.write_text("\n".join(out) + "\n", encoding="utf-8")
+    print(f"written to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
