@@ -23,11 +23,13 @@ Each arm is scored on the same test subset (greedy decoding, the project's stric
 test F1 of each metric and data set, the per-task averages and the overall score
 (``prouie_pl.scoring.overall_f1``: mean of NER, RE and the mean of EE trigger and argument F1).
 
-    python bench/stage_ablation.py --quick          # smoke run, a few minutes on 2 CPU cores
+    python bench/stage_ablation.py --quick          # smoke run (about 10 min on 2 shared CPU cores; all scores 0)
     python bench/stage_ablation.py                  # the fuller run (prints its estimated wall time first)
-    python bench/stage_ablation.py --budget 300 --train 200 --seeds 42 43
+    python bench/stage_ablation.py --budget 400 --train 240 --test 60 --pretrain-steps 600 --seeds 42 43
 
-Finished stages are kept in the work folder and skipped on a rerun with the same settings.
+Finished stages are kept in the work folder and skipped on a rerun with the same settings.  The stages take their
+LoRA and learning-rate settings from the shipped ``configs/tiny/{cm,sa,de}.yaml`` (the results file lists the values
+used); after changing those files, rerun with ``--fresh``.
 """
 
 from __future__ import annotations
@@ -48,15 +50,15 @@ DEFAULT_DATASETS = ["NER/CoNLL2003", "RE/CoNLL2004", "EE/GENIA2011"]
 ARMS = ("CM", "CM+SA", "CM+SA+DE", "mixed")
 
 PRESETS = {
-    "quick": dict(train=48, dev=8, test=24, max_words=30, pretrain_steps=150, budget=48, cm_share=0.6, de_steps=4,
+    "quick": dict(train=48, dev=4, test=16, max_words=30, pretrain_steps=150, budget=48, cm_share=0.6, de_steps=4,
                   sa_per_dataset=24, de_per_dataset=24, batch_size=8),
-    "default": dict(train=320, dev=16, test=80, max_words=30, pretrain_steps=600, budget=480, cm_share=0.65, de_steps=24,
+    "default": dict(train=320, dev=16, test=80, max_words=30, pretrain_steps=1500, budget=640, cm_share=0.65, de_steps=16,
                     sa_per_dataset=96, de_per_dataset=64, batch_size=8),
 }
 
-# seconds per unit on a 2-core CPU (measured with --quick on a shared 2-core machine; see the results file):
+# seconds per unit with one torch thread on a shared 2-core CPU (measured in a run with --budget 400 --train 240):
 # pre-training step (batch 16), SFT step (batch 8), GRPO step (4 prompts x 4 completions), decoded test record
-COST = {"pretrain": 0.35, "sft": 0.35, "grpo": 6.0, "decode": 0.12}
+COST = {"pretrain": 0.85, "sft": 0.6, "grpo": 3.0, "decode": 0.35}
 
 
 # ------------------------------------------------------------------------------------------ data subset
@@ -137,6 +139,14 @@ def stage_configs(cfg_dir: Path, model_dir: Path, data_dir: Path, args) -> dict[
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[stage] = path
     return out
+
+
+def stage_hyperparameters(cfgs: dict[str, Path]) -> dict:
+    """LoRA rank and each stage's learning rate, as written into the stage configs (for the results file)."""
+    import yaml
+
+    init = {s: yaml.safe_load(p.read_text())["model"]["init_args"] for s, p in cfgs.items()}
+    return {"r": init["cm"].get("lora", {}).get("r", 16), **{s: float(a["learning_rate"]) for s, a in init.items()}}
 
 
 def arm_plan(args) -> dict[str, dict]:
@@ -251,7 +261,7 @@ def record_counts(data_dir: Path, stage_dir: Path) -> dict:
         row = json.loads(line)
         outs[(row["task"], row["dataset"], row["index"])] = row["output"]
     per_ds: dict = {}
-    for key in sorted(recs):
+    for key in sorted(recs):  # every test record is scored; one without a prediction counts as empty
         sc = Scorer("strict")
         sc.add(recs[key], outs.get(key))
         per_ds.setdefault(key[1], []).append({m: (c[key[1]].tp, c[key[1]].fp, c[key[1]].fn) for m, c in sc.counts.items()})
@@ -410,10 +420,11 @@ def main(argv: list[str] | None = None) -> int:
 
     phases = curriculum_check(data_dir, args.batch_size, plan)
     cfgs = stage_configs(work / "configs", model_dir, data_dir, args)
+    hp = stage_hyperparameters(cfgs)
 
     results: dict[str, dict[int, dict]] = {a: {} for a in ARMS}
     extra: dict[str, dict[int, dict]] = {"CM part of CM+SA": {}, "CM+SA part of CM+SA+DE": {}}
-    per_record: dict[str, list] = {a: [] for a in ARMS}
+    per_record: dict[str, list] = {a: [] for a in [*ARMS, *extra]}
     stage_seconds: dict[str, float] = {}
     for seed in args.seeds:
         base = work / f"seed{seed}"
@@ -429,10 +440,14 @@ def main(argv: list[str] | None = None) -> int:
                 info = json.loads((arm_dir / s / "stage.json").read_text())
                 if "reused_from" not in info:
                     stage_seconds[f"seed {seed} {arm} {s.upper()} ({plan[arm][s]} steps, with test decoding)"] = info["seconds"]
-        extra["CM part of CM+SA"][seed] = read_report(base / "CM_SA" / "cm")
-        extra["CM+SA part of CM+SA+DE"][seed] = read_report(base / "CM_SA_DE" / "sa")
+        for name, stage_dir in (("CM part of CM+SA", base / "CM_SA" / "cm"), ("CM+SA part of CM+SA+DE", base / "CM_SA_DE" / "sa")):
+            extra[name][seed] = read_report(stage_dir)
+            per_record[name].append(record_counts(data_dir, stage_dir))
     total = time.perf_counter() - t_start
-    boot = bootstrap(per_record, args.bootstrap)
+    boot = bootstrap({a: per_record[a] for a in ARMS}, args.bootstrap)
+    empty = {name: [sum(1 for recs in per_ds.values() for rec in recs if sum(c[0] + c[1] for c in rec.values()) == 0) for per_ds in v]
+             for name, v in per_record.items()}
+    grpo = grpo_trace(work / f"seed{args.seeds[0]}" / "CM_SA_DE" / "de")
 
     # ---------------------------------------------------------------- tables
     from prouie_pl.scoring import task_scores
@@ -454,9 +469,10 @@ def main(argv: list[str] | None = None) -> int:
                 b = boot[name]
                 row.append(f"{b['ci'][0]:.1f} – {b['ci'][1]:.1f}")
                 row.append("-" if name == "CM" else f"{b['diff_ci'][0]:+.1f} – {b['diff_ci'][1]:+.1f}")
-            row += [fmt_mean([float(s["parse failures"]) for s in scored], 0), fmt_mean([float(s["truncated"]) for s in scored], 0)]
+            row += [fmt_mean([float(x) for x in empty[name]], 0), fmt_mean([float(s["parse failures"]) for s in scored], 0),
+                    fmt_mean([float(s["truncated"]) for s in scored], 0)]
             rows.append(row)
-        headers = ["arm", "optimizer steps"] + headers_keys + (["overall 95% CI", "overall − CM, 95% CI"] if with_ci else []) + ["parse fail.", "truncated"]
+        headers = ["arm", "optimizer steps"] + headers_keys + (["overall 95% CI", "overall − CM, 95% CI"] if with_ci else []) + ["no units", "parse fail.", "truncated"]
         return markdown_table(headers, rows)
 
     main_plans = {a: steps_str(plan[a]) + (f" (schedule mixed, {args.mixed_format} format)" if a == "mixed" else "") for a in ARMS}
@@ -476,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds_note = ("one training seed, so each cell is a single run" if len(args.seeds) == 1
                   else f"mean ± standard deviation over training seeds {', '.join(map(str, args.seeds))}")
     body = f"""Command: `python bench/stage_ablation.py {' '.join(argv)}` ({preset} setting).
-Wall time of this invocation {total / 60:.1f} min (stages already finished in the work folder are not rerun);
-the estimate printed at start was ~{est / 60:.0f} min.
+Wall time of base model and stages (as recorded when they ran) {(build_s + sum(stage_seconds.values())) / 60:.1f} min;
+this invocation {total / 60:.1f} min (stages already finished in the work folder are reused, not rerun); the
+estimate printed at start was ~{est / 60:.0f} min.
 
 ## Setup
 
@@ -489,8 +506,8 @@ the estimate printed at start was ~{est / 60:.0f} min.
   scratch on the subset's training split with `build_tiny_model` ({args.pretrain_steps} steps of plain LM
   pre-training, loss {pre.get('first_loss', float('nan')):.2f} -> {pre.get('last_loss', float('nan')):.2f};
   {build_s / 60:.1f} min).  Dev and test sentences are never trained on.
-- Training: LoRA with the shipped `configs/tiny/*.yaml` settings (r 32; peak lr 2e-3 CM, 1e-3 SA with
-  warm-up and cosine decay over each stage's own steps; 2e-4 constant for GRPO), SFT batch {args.batch_size},
+- Training: LoRA with the shipped `configs/tiny/*.yaml` settings (r {hp['r']}; peak lr {hp['cm']:g} CM, {hp['sa']:g} SA with
+  warm-up and cosine decay over each stage's own steps; {hp['de']:g} constant for GRPO), SFT batch {args.batch_size},
   GRPO 4 prompts x 4 completions per step, stepwise rewards.  Every stage runs exactly its `trainer.max_steps`:
   no validation passes, no early stopping; each stage hands on its last adapter (`adapter: last`).
 - Budget B = {args.budget} optimizer steps per arm.  CM: cumulative curriculum NER -> NER+RE -> NER+RE+EE in the
@@ -507,8 +524,9 @@ the estimate printed at start was ~{est / 60:.0f} min.
   "overall" is the project's summary score (mean of NER, RE strict, and the mean of EE trigger and argument).
   The 95% intervals come from a paired bootstrap over test sentences ({args.bootstrap} resamples within each data
   set, the same draws for every arm): they show test-sample noise only, not the spread over training seeds.
-  "parse fail." counts the {n_outputs} test outputs per arm the parser could not read cleanly; "truncated" those
-  cut at the token limit.
+  Of the {n_outputs} test outputs per arm, "no units" counts those that predict nothing at all (an empty answer or
+  one the parser recovered no unit from), "parse fail." those the parser could not read cleanly, "truncated"
+  those cut at the token limit.
 
 ## Test F1 at a budget of {args.budget} optimizer steps
 
@@ -520,9 +538,12 @@ Intermediate stages of the staged arms (scored after that stage; not equal-budge
 
 ## What this can and cannot show
 
-{honesty(args, results, boot, gold, n_outputs, n_params)}
+{honesty(args, results, boot, gold, n_outputs, n_params, empty, grpo, hp)}
 
 ## Wall time per stage
+
+Each stage's time includes decoding and scoring its test split; a stage resumed after an interruption counts only
+its last attempt.  Base model: {build_s / 60:.1f} min.
 
 {timing_lines}
 """
@@ -534,7 +555,21 @@ Intermediate stages of the staged arms (scored after that stage; not equal-budge
     return 0
 
 
-def honesty(args, results, boot, gold, n_outputs, n_params) -> str:
+def grpo_trace(de_dir: Path) -> dict:
+    """First and last logged completion length, reward and zero-spread share of the GRPO stage."""
+    import csv
+
+    rows = []
+    for p in sorted(de_dir.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with p.open() as fh:
+            rows.extend(r for r in csv.DictReader(fh) if r.get("train/completion_length"))
+    if not rows:
+        return {}
+    pick = lambda r: {k: float(r[f"train/{k}"]) for k in ("completion_length", "reward", "zero_spread_groups", "f1") if r.get(f"train/{k}")}  # noqa: E731
+    return {"first": pick(rows[0]), "last": pick(rows[-1]), "first_step": int(rows[0]["step"]), "last_step": int(rows[-1]["step"])}
+
+
+def honesty(args, results, boot, gold, n_outputs, n_params, empty, grpo, hp) -> str:
     from prouie_pl.scoring import overall_f1, task_scores
 
     def mean_over_seeds(per_seed: dict, fn) -> float:
@@ -574,11 +609,32 @@ def honesty(args, results, boot, gold, n_outputs, n_params) -> str:
         f"intervals ignore training-seed noise{' (one seed was run)' if len(args.seeds) == 1 else ''}, which on a model "
         "this small is often as large, so a difference of a few points should not be read as a finding.  Smallest "
         f"gold counts per cell: {min(gold.values())} units.")
+    de_empty = statistics.mean(empty["CM+SA+DE"])
+    before_de = statistics.mean(empty["CM+SA part of CM+SA+DE"])
+    if grpo and de_empty >= max(0.1 * n_outputs, 1.5 * before_de):
+        f, l = grpo["first"], grpo["last"]
+        len0, len1 = f.get("completion_length", float("nan")), l.get("completion_length", float("nan"))
+        z0, z1 = f.get("zero_spread_groups", float("nan")), l.get("zero_spread_groups", float("nan"))
+        text = (f"After its GRPO steps {de_empty:.0f} of {n_outputs} test answers of the CM+SA+DE arm predict nothing, "
+                f"against {before_de:.0f} before DE.  In training the mean completion length went from {len0:.1f} tokens "
+                f"(step {grpo['first_step']}) to {len1:.1f} (step {grpo['last_step']}), and the share of prompt groups with "
+                f"no reward spread from {z0:.2f} to {z1:.2f}.")
+        if de_empty >= 0.5 * n_outputs and len1 < len0:
+            text += ("  DE collapsed towards empty answers.  Under the stepwise rewards an empty answer earns the "
+                     "clean-finish bonus and loses only the gold units it misses, while every wrong unit costs a further "
+                     "-1, so for a policy whose units are almost all wrong the empty answer has the best expected reward; "
+                     "once every completion in a group is the same the advantages are zero and GRPO stops learning.  This "
+                     "is what the tiny setting shows about DE, not evidence against DE on a capable SA model.")
+        else:
+            text += (f"  {args.de_steps} GRPO steps at this scale move the greedy answers of a weak policy a lot, in either "
+                     "direction; the test answers are decoded greedily while training samples at temperature 1, so the "
+                     "two need not move together.")
+        lines.append(text)
     lines.append(
         "Confounds built into the comparison: SA changes the output format (full -> concise), the learning rate and "
         "its schedule (each stage warms up and decays anew) and the data (a sample), so CM+SA vs CM mixes all of these; "
         f"the {args.de_steps} GRPO steps of CM+SA+DE are taken from SA, are counted 1:1 in the step budget although each "
-        "costs roughly as much compute as dozens of SFT steps, and run at a constant learning rate of 2e-4, so "
+        f"costs roughly as much compute as dozens of SFT steps, and run at a constant learning rate of {hp['de']:g}, so "
         "CM+SA vs CM+SA+DE mostly measures whether a few policy-gradient steps on a weak policy help or hurt more than "
         "the SA steps they replace.  GRPO needs completions with some reward spread; a tiny model that rarely gets a "
         "unit right gives it little signal.  The curriculum vs mixed comparison is the cleanest of the three (same "
