@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -57,11 +58,14 @@ class _ParseOnlyCLI(ProUIECLI):
 
 @contextmanager
 def _argv(args: Sequence[str]):
-    """LightningCLI also looks at sys.argv; keep it in step with the args it is given."""
+    """Keep sys.argv in step with the args LightningCLI is given (the DDP launcher re-runs sys.argv in its child
+    processes); its warning about getting both is then about one and the same command line."""
     saved = sys.argv
     sys.argv = [saved[0] if saved else "prouie_pl"] + list(args)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+            yield
     finally:
         sys.argv = saved
 

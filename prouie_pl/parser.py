@@ -13,7 +13,6 @@ Truncation rule: a unit counts only once its text is complete, i.e. its string w
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -458,7 +457,6 @@ class _Interp:
                 self.res.units.append(Unit("trigger", label, text=trig, event=self.n_events, end=s.raw_end(len(v.rstrip())), in_schema=known))
                 self.n_events += 1
             return
-        ta, tb = colon, colon
         trig = v[:colon].strip()
         if not trig:
             self.problem(f"event of {label!r} without a trigger")

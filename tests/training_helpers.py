@@ -12,8 +12,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_subset(records_by_dataset: dict, root: Path, dev_same_as_train: bool = True) -> Path:
-    """Write records (``{(task, name): (schema_labels, [raw records])}``) in the IE INSTRUCTIONS layout."""
+def write_subset(records_by_dataset: dict, root: Path) -> Path:
+    """Write records (``{(task, name): (schema_labels, [raw records])}``) in the IE INSTRUCTIONS layout, the same
+    records in every split."""
     for (task, name), (labels, raws) in records_by_dataset.items():
         folder = root / task / name
         folder.mkdir(parents=True, exist_ok=True)

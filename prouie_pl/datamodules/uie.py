@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -306,9 +306,3 @@ class UIEDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self._eval_loader(self.predict_records)
-
-    def records_by_dataset(self, records: list[Record]) -> dict[tuple[str, str], int]:
-        counts: dict = defaultdict(int)
-        for r in records:
-            counts[(r.task, r.dataset)] += 1
-        return dict(counts)
