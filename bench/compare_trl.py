@@ -129,7 +129,7 @@ def worker_warmup(args) -> dict:
     import lightning as L
 
     from prouie_pl.datamodules import UIEDataModule
-    from prouie_pl.modeling import BaseModelSettings, LoRASettings
+    from prouie_pl.modeling import BaseModelSettings
     from prouie_pl.sft import SFTModule
 
     L.seed_everything(args.seed, verbose=False)
