@@ -32,6 +32,7 @@ _TOKEN = re.compile(
   | (?P<num>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
   | (?P<lit>true|false|null|None|True|False)
   | (?P<other>[^\s{}\[\]:,"']+)
+  | (?P<stray>["'])
     """,
     re.S | re.X,
 )
@@ -109,7 +110,11 @@ class _JSONReader:
         self.toks: list[tuple[str, str, int, int]] = []
         for m in _TOKEN.finditer(text, start):
             kind = m.lastgroup
-            if kind != "ws":
+            if kind == "stray":  # a quote that opens no string: skipped, but the output is not clean JSON
+                msg = f"stray quote at offset {m.start()}"
+                if msg not in problems:
+                    problems.append(msg)
+            elif kind != "ws":
                 self.toks.append((kind, m.group(), m.start(), m.end()))
         self.i = 0
         self.problems = problems

@@ -53,6 +53,10 @@ def test_chatty_and_sloppy_outputs_are_recovered_and_flagged():
     assert "single-quoted strings" in res.problems and "trailing comma" in res.problems
     res = parse_output('{"Person": "John"}', "NER", NER_S)  # label case differs: mapped, clean
     assert res.ok and res.units[0].label == "person"
+    # a quote that opens no string is skipped and flagged (the units around it are kept)
+    res = parse_output("""{'"person": ["John Smith"], "location": ["Paris"]}""", "NER", NER_S)
+    assert not res.ok and "stray quote at offset 1" in res.problems
+    assert [u.text for u in res.units] == ["John Smith", "Paris"]
 
 
 def test_unknown_labels_and_roles_are_units_outside_the_schema():
