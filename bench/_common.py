@@ -44,3 +44,35 @@ def write_result(name: str, title: str, body: str, out: str | None = None) -> Pa
     print(text)
     print(f"written to {path}")
     return path
+
+
+def fit_steps(module, data, max_steps: int, callbacks=()):
+    """Train ``module`` for exactly ``max_steps`` optimizer steps on the CPU, with no validation, logger,
+    checkpoints or progress bar (the timed runs of the benchmarks); returns the trainer."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=max_steps, max_epochs=1000,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                        callbacks=list(callbacks))
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def sft_warmup_adapter(out, steps: int, seed: int, **data_kwargs):
+    """A short SFT run (lr 1e-3, LoRA r=16 / alpha 32 / no dropout on every linear layer) from a fresh adapter on
+    the tiny base, so that GRPO benchmarks start from answers that differ in quality; ``data_kwargs`` go to
+    ``UIEDataModule`` (stage ``sa``, batch size 8).  Saves the adapter to ``out`` and returns it."""
+    import lightning as L
+
+    from prouie_pl.datamodules import UIEDataModule
+    from prouie_pl.modeling import BaseModelSettings, LoRASettings
+    from prouie_pl.sft import SFTModule
+
+    L.seed_everything(seed, verbose=False)
+    module = SFTModule(base=BaseModelSettings(name_or_path="tiny"), lora=LoRASettings(r=16, alpha=32, dropout=0.0),
+                       learning_rate=1e-3, warmup_ratio=0.05)
+    data = UIEDataModule(stage="sa", batch_size=8, max_val_records=0, seed=seed, **data_kwargs)
+    fit_steps(module, data, steps)
+    module.save_adapter(str(out))
+    return out

@@ -53,7 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, require_shared_data, write_result  # noqa: E402
+from _common import fit_steps, markdown_table, require_shared_data, sft_warmup_adapter, write_result  # noqa: E402
 
 DATASETS = ["RE/CoNLL2004", "NER/CoNLL2003"]
 SIDES = {"sft": ("prouie-pl", "trl", "trl-grouped"), "grpo": ("prouie-pl", "prouie-pl-noskip", "trl")}
@@ -86,26 +86,22 @@ def sft_examples(args, tokenizer) -> list[dict]:
 
 
 class TimedGenerate:
-    """Wraps a model's ``generate``: wall time and completion tokens (to the first end token, inclusive)."""
+    """Wraps a model's ``generate``: wall time and completion tokens (to the first end token, inclusive, as
+    GRPO rollouts count them)."""
 
-    def __init__(self, model, eos_id: int, prompt_key: str = "input_ids"):
+    def __init__(self, model, eos_id: int):
         self.inner = model.generate
         self.eos_id = eos_id
-        self.prompt_key = prompt_key
         self.calls: list[dict] = []
 
     def __call__(self, *a, **kw):
-        import torch
+        from prouie_pl.grpo.rollout import completion_mask
 
         t0 = time.perf_counter()
         out = self.inner(*a, **kw)
         dt = time.perf_counter() - t0
-        prompt_len = kw[self.prompt_key].shape[1]
-        comp = out[:, prompt_len:]
-        is_eos = comp == self.eos_id
-        has = is_eos.any(dim=1)
-        first = torch.where(has, is_eos.int().argmax(dim=1), torch.full_like(has, comp.shape[1], dtype=torch.long) - 1)
-        self.calls.append({"seconds": dt, "completions": int(comp.shape[0]), "tokens": int((first + 1).sum())})
+        mask, _ = completion_mask(out[:, kw["input_ids"].shape[1]:], self.eos_id)
+        self.calls.append({"seconds": dt, "completions": int(mask.shape[0]), "tokens": int(mask.sum())})
         return out
 
 
@@ -126,21 +122,8 @@ def step_clock():
 
 def worker_warmup(args) -> dict:
     """A short ProUIE-PL SFT run from a fresh adapter; both GRPO sides start from it."""
-    import lightning as L
-
-    from prouie_pl.datamodules import UIEDataModule
-    from prouie_pl.modeling import BaseModelSettings
-    from prouie_pl.sft import SFTModule
-
-    L.seed_everything(args.seed, verbose=False)
-    module = SFTModule(base=BaseModelSettings(name_or_path="tiny"), lora=lora_settings(), learning_rate=1e-3, warmup_ratio=0.05)
-    data = UIEDataModule(data_dir=args.data_dir, stage="sa", datasets=DATASETS, sample_per_dataset=args.records,
-                         batch_size=8, max_val_records=0, max_seq_length=args.max_seq_length, seed=args.seed)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.warmup_adapter_steps, max_epochs=1000, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
-    trainer.fit(module, datamodule=data)
-    module.save_adapter(args.adapter)
+    sft_warmup_adapter(args.adapter, args.warmup_adapter_steps, args.seed, data_dir=args.data_dir, datasets=DATASETS,
+                       sample_per_dataset=args.records, max_seq_length=args.max_seq_length)
     return {"adapter": args.adapter, "steps": args.warmup_adapter_steps}
 
 
@@ -172,11 +155,7 @@ def worker_sft_ours(args) -> dict:
                        warmup_ratio=0.1)
     data = UIEDataModule(data_dir=args.data_dir, stage="sa", datasets=DATASETS, sample_per_dataset=args.records,
                          batch_size=args.batch_size, max_val_records=0, max_seq_length=args.max_seq_length, seed=args.seed)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.warmup + args.sft_steps,
-                        max_epochs=1000, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        use_distributed_sampler=False, callbacks=[Clock()])
-    trainer.fit(module, datamodule=data)
+    fit_steps(module, data, args.warmup + args.sft_steps, [Clock()])
     return {"steps": steps[args.warmup - 1:]}  # the clock starts at the end of step 1
 
 
@@ -262,14 +241,9 @@ def worker_grpo_ours(args, skip: bool = True) -> dict:
         epsilon_low=0.2, epsilon_high=0.2, learning_rate=args.grpo_lr, warmup_steps=0, max_grad_norm=1.0,
         skip_zero_advantage=skip,
     )
-    per_dataset = args.records
-    data = UIEDataModule(data_dir=args.data_dir, stage="de", datasets=DATASETS, sample_per_dataset=per_dataset,
+    data = UIEDataModule(data_dir=args.data_dir, stage="de", datasets=DATASETS, sample_per_dataset=args.records,
                          batch_size=args.prompts, max_val_records=0, max_seq_length=args.max_seq_length, seed=args.seed)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.warmup + args.grpo_steps,
-                        max_epochs=1000, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        use_distributed_sampler=False, callbacks=[Clock()])
-    trainer.fit(module, datamodule=data)
+    fit_steps(module, data, args.warmup + args.grpo_steps, [Clock()])
     return {"steps": [s for s in steps if s["seconds"] is not None][args.warmup - 1:]}
 
 

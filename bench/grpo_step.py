@@ -35,27 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import markdown_table, write_result  # noqa: E402
-
-
-def warmup_adapter(out: Path, steps: int, seed: int) -> Path:
-    """A short SFT run from a fresh adapter on the tiny base; returns the adapter folder."""
-    import lightning as L
-
-    from prouie_pl.datamodules import UIEDataModule
-    from prouie_pl.modeling import BaseModelSettings, LoRASettings
-    from prouie_pl.sft import SFTModule
-
-    L.seed_everything(seed, verbose=False)
-    module = SFTModule(base=BaseModelSettings(name_or_path="tiny"), lora=LoRASettings(r=16, alpha=32, dropout=0.0),
-                       learning_rate=1e-3, warmup_ratio=0.05)
-    data = UIEDataModule(stage="sa", sample_per_dataset=16, batch_size=8, max_val_records=0, seed=seed)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1000, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False)
-    trainer.fit(module, datamodule=data)
-    module.save_adapter(str(out))
-    return out
+from _common import fit_steps, markdown_table, sft_warmup_adapter, write_result  # noqa: E402
 
 
 def run_grpo(adapter: str, beta: float, args) -> dict:
@@ -89,10 +69,7 @@ def run_grpo(adapter: str, beta: float, args) -> dict:
     per_dataset = -(-args.prompts * (args.warmup + args.steps) // 3) + 1  # enough prompts for one epoch, 3 data sets
     data = UIEDataModule(stage="de", sample_per_dataset=per_dataset, batch_size=args.prompts, max_val_records=0, seed=args.seed)
     collect = Collect()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, max_epochs=1000, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[collect])
-    trainer.fit(module, datamodule=data)
+    fit_steps(module, data, args.warmup + args.steps, [collect])
     measured = collect.steps[args.warmup:]
     assert len(measured) == args.steps, (len(collect.steps), args.warmup, args.steps)
     return {"steps": measured, "reference_passes": module.reference_passes}
@@ -139,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         t_sft = 0.0
         if adapter is None:
             t0 = time.perf_counter()
-            adapter = str(warmup_adapter(Path(tmp) / "adapter", args.sft_steps, args.seed))
+            adapter = str(sft_warmup_adapter(Path(tmp) / "adapter", args.sft_steps, args.seed, sample_per_dataset=16))
             t_sft = time.perf_counter() - t0
         results = {beta: run_grpo(adapter, beta, args) for beta in args.betas}
     total = time.perf_counter() - t_start

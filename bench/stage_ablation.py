@@ -557,12 +557,9 @@ its last attempt.  Base model: {build_s / 60:.1f} min.
 
 def grpo_trace(de_dir: Path) -> dict:
     """First and last logged completion length, reward and zero-spread share of the GRPO stage."""
-    import csv
+    from prouie_pl.reports import latest_metrics
 
-    rows = []
-    for p in sorted(de_dir.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
-        with p.open() as fh:
-            rows.extend(r for r in csv.DictReader(fh) if r.get("train/completion_length"))
+    rows = [r for r in latest_metrics(de_dir) if r.get("train/completion_length")]
     if not rows:
         return {}
     pick = lambda r: {k: float(r[f"train/{k}"]) for k in ("completion_length", "reward", "zero_spread_groups", "f1") if r.get(f"train/{k}")}  # noqa: E731
