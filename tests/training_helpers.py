@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Optional
@@ -63,12 +62,19 @@ def no_progress_callbacks(extra: Optional[list] = None, keep=("StageCheckpoint",
     return cbs + (extra or [])
 
 
-def metrics_rows(root: Path) -> list[dict]:
-    rows = []
-    for p in sorted(Path(root).glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
-        rows.extend(csv.DictReader(p.open()))
-    return rows
-
-
 def column(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def assert_config_error(argv: list[str], capsys, expected: str) -> None:
+    """``python -m prouie_pl ARGV`` exits with status 2 and a message holding ``expected``, without a traceback."""
+    from prouie_pl.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argument errors exit from the parser
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
