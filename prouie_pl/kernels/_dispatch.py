@@ -2,8 +2,11 @@
 
 Every public kernel function takes ``backend="auto" | "triton" | "torch"``:
 
-* ``"auto"`` runs Triton on CUDA tensors and the PyTorch reference everywhere else. The environment variable
-  ``PROUIE_KERNELS=torch|triton`` overrides ``"auto"`` globally (an explicit ``backend=`` argument still wins).
+* ``"auto"`` runs Triton on CUDA tensors (the device types in ``AUTO_TRITON_DEVICES``) and the PyTorch reference
+  everywhere else. The environment variable ``PROUIE_KERNELS=torch|triton`` overrides ``"auto"`` globally (an
+  explicit ``backend=`` argument still wins). Triton chosen by ``"auto"`` is watched by the first-use guard of
+  :mod:`prouie_pl.kernels.fallback`, which switches a kernel that fails to build or to agree with its reference
+  to the reference; a forced ``"triton"`` is not watched, so its errors raise.
 * ``"triton"`` on CPU tensors only works under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the
   test suite checks the kernels on machines without a GPU.
 
@@ -41,6 +44,7 @@ except Exception as exc:  # pragma: no cover - exercised in a subprocess test th
     tl = _TritonUnavailable()
 
 __all__ = [
+    "AUTO_TRITON_DEVICES",
     "BACKENDS",
     "ENV_VAR",
     "interpreting",
@@ -54,6 +58,9 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "PROUIE_KERNELS"
+# Device types on which backend="auto" picks Triton. Tests add "cpu" (under TRITON_INTERPRET=1) to run the
+# first-use guard, which only watches Triton chosen by "auto", on machines without a GPU.
+AUTO_TRITON_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def triton_available() -> bool:
@@ -95,7 +102,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
                 )
             backend = override
         else:
-            backend = "triton" if torch.device(device).type == "cuda" and triton is not None else "torch"
+            auto_triton = torch.device(device).type in AUTO_TRITON_DEVICES and triton is not None
+            backend = "triton" if auto_triton else "torch"
     if backend == "triton":
         _require_triton_on(torch.device(device))
     return backend

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import reference
 from ._dispatch import jit, next_power_of_2, resolve_backend, row_block, tl
+from .fallback import kernel_guard
 
 __all__ = ["group_advantages", "stepwise_advantages"]
 
@@ -145,6 +146,7 @@ def _check_group_size(batch: int, group_size: int) -> None:
         )
 
 
+@kernel_guard("group_advantages")
 def group_advantages(
     rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, backend: str = "auto"
 ) -> Tensor:
@@ -176,6 +178,7 @@ def group_advantages(
     return out
 
 
+@kernel_guard("stepwise_advantages")
 def stepwise_advantages(
     step_rewards: Tensor,
     step_ends: Tensor,

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import reference
 from ._dispatch import jit, resolve_backend, row_block, tl
+from .fallback import kernel_guard
 
 __all__ = ["grpo_loss"]
 
@@ -186,6 +187,7 @@ def _check_grpo_args(logprobs, old_logprobs, ref_logprobs, advantages, mask, eps
         raise ValueError(f"max_completion_length={max_completion_length!r} must be a positive integer or None.")
 
 
+@kernel_guard("grpo_loss")
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor | None,

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import reference
 from ._dispatch import jit, resolve_backend, row_block, tl
+from .fallback import kernel_guard
 
 __all__ = ["linear_token_logprobs", "token_logprobs"]
 
@@ -184,6 +185,7 @@ def _check_targets(targets: Tensor, lead_shape: torch.Size, what: str) -> None:
         raise ValueError(f"targets must be an integer tensor (token ids, -100 to ignore), got {targets.dtype}.")
 
 
+@kernel_guard("token_logprobs")
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, backend: str = "auto") -> Tensor:
     """Float32 ``log_softmax(logits / temperature)`` at ``targets``, shape ``logits.shape[:-1]``.
 
@@ -204,6 +206,7 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, ba
     return TokenLogprobsFunction.apply(logits, flat_targets, float(temperature)).reshape(logits.shape[:-1])
 
 
+@kernel_guard("linear_token_logprobs")
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
