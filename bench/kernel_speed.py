@@ -1,7 +1,8 @@
 """Benchmark the kernels: time and peak memory of forward + backward, as a markdown table printed and written to a file.
 
-    python bench/kernels.py --device cpu     # small shapes, torch paths; writes bench/results/kernels_cpu.md
-    python bench/kernels.py --device cuda    # H200 shapes, Triton paths; writes bench/results/kernels_cuda.md
+    python bench/kernel_speed.py --device cpu     # small shapes, torch paths; writes bench/results/kernels_cpu.md
+    python bench/kernel_speed.py --device cuda    # H200 shapes, Triton paths; writes bench/results/kernels_cuda.md
+    python bench/kernel_speed.py --smoke --out /tmp/k.md   # one tiny shape per case: checks the script runs, in seconds
 
 What is compared (per-token log-probabilities of an LM head, forward + backward, gradient to ``hidden``):
 
@@ -64,6 +65,12 @@ VARIANT_LABELS = {
 CUDA_TOKEN_SHAPES = [(4096, 151936), (16384, 128256)]  # bf16 logits [N, V]
 GRPO_SHAPES = {"cpu": [(64, 1024)], "cuda": [(64, 4096), (256, 4096)]}  # logprobs [B, T]
 LIGER_SHAPE = (16, 1024, 151936)  # B, T, V for the logits-level comparison with Liger's fused GRPO loss
+# --smoke: one tiny shape per case, so that a caller (bench/gpu_check.py --dry) can run every code path of this
+# script in seconds; the figures mean nothing. On CPU under TRITON_INTERPRET=1 the Triton variants run too.
+SMOKE_LINEAR_SHAPES = [(64, 32, 1000, "float32", 16)]
+SMOKE_TOKEN_SHAPES = [(64, 1003)]
+SMOKE_GRPO_SHAPES = [(4, 64)]
+SMOKE_LIGER_SHAPE = (2, 16, 1003)
 
 
 # ------------------------------------------------------------------------------------------------- measurement
@@ -305,14 +312,14 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def linear_table(device: str, shapes, repeats: int, warmup: int) -> list[str]:
+def linear_table(device: str, shapes, repeats: int, warmup: int, variants: list[str]) -> list[str]:
     lines = [
         "| N x H x V | dtype | variant | time (ms) | x matmul | peak extra mem (MiB) | mem vs naive |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for n, h, v, dtype, seq in shapes:
         results = {}
-        for variant in LINEAR_VARIANTS[device]:
+        for variant in variants:
             spec = {"case": "linear", "variant": variant, "shape": [n, h, v, dtype, seq], "device": device,
                     "repeats": repeats, "warmup": warmup}
             results[variant] = run_worker(spec)
@@ -331,12 +338,12 @@ def linear_table(device: str, shapes, repeats: int, warmup: int) -> list[str]:
     return lines
 
 
-def token_table(repeats: int, warmup: int) -> list[str]:
+def token_table(repeats: int, warmup: int, shapes) -> list[str]:
     lines = [
         "| N x V (bf16) | backend | fwd ms | fwd TB/s | bwd ms | bwd TB/s | bwd % of 4.8 TB/s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for n, v in CUDA_TOKEN_SHAPES:
+    for n, v in shapes:
         res = run_worker({"case": "token", "shape": [n, v], "device": "cuda", "repeats": repeats, "warmup": warmup})
         if "error" in res:
             lines.append(f"| {n} x {v} | | failed: {res['error']} | | | | |")
@@ -350,17 +357,16 @@ def token_table(repeats: int, warmup: int) -> list[str]:
     return lines
 
 
-def grpo_table(device: str, repeats: int, warmup: int) -> list[str]:
+def grpo_table(device: str, repeats: int, warmup: int, shapes, liger_shape, backends: list[str]) -> list[str]:
     lines = ["| case | shape | variant | time (ms) | peak extra mem (MiB) |", "|---|---|---|---:|---:|"]
-    backends = ["triton", "torch"] if device == "cuda" else ["torch"]
-    for b, t in GRPO_SHAPES[device]:
+    for b, t in shapes:
         for backend in backends:
             res = run_worker({"case": "grpo", "variant": backend, "shape": [b, t], "device": device,
                               "repeats": repeats, "warmup": warmup})
             cell = f"{res['ms']:.3f} | {_mib(res['peak_bytes'])}" if "error" not in res else f"failed: {res['error']} |"
             lines.append(f"| grpo_loss fwd+bwd (logprobs in) | B={b}, T={t} | {backend} | {cell} |")
     if device == "cuda":
-        b, t, v = LIGER_SHAPE
+        b, t, v = liger_shape
         try:
             import liger_kernel  # noqa: F401
 
@@ -404,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in every worker (default: torch's choice); 1 gives steadier numbers "
                              "on a machine shared with other jobs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny shape per case: checks that every path of the script runs (figures meaningless)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -423,10 +431,17 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or REPO_ROOT / "bench" / "results" / f"kernels_{args.device}.md"
 
     shapes = CUDA_LINEAR_SHAPES if args.device == "cuda" else CPU_LINEAR_SHAPES
+    variants = list(LINEAR_VARIANTS[args.device])
+    grpo_backends = ["triton", "torch"] if args.device == "cuda" else ["torch"]
+    if args.smoke:
+        shapes = SMOKE_LINEAR_SHAPES
+        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            variants += ["fused_triton", "fused_triton_trainable"]
+            grpo_backends = ["triton", "torch"]
     lines = [
-        f"# Kernel benchmarks ({args.device})",
+        f"# Kernel benchmarks ({args.device}{', smoke run: tiny shapes, figures meaningless' if args.smoke else ''})",
         "",
-        f"`{' '.join(['python bench/kernels.py', *(argv if argv is not None else sys.argv[1:])])}`: "
+        f"`{' '.join(['python bench/kernel_speed.py', *(argv if argv is not None else sys.argv[1:])])}`: "
         f"{environment_line(args.device)}.",
         f"Median of {repeats} timed runs after {args.warmup} warm-up run(s); every variant in a fresh process.",
         "Peak extra memory: " + (
@@ -444,17 +459,22 @@ def main(argv: list[str] | None = None) -> None:
         "(target: fused within 1.3x). `mem vs naive`: peak extra memory relative to the naive path "
         "(target on CPU at 2048 x 512 x 32000 fp32: torch ref at 0.25 or less).",
         "",
-        *linear_table(args.device, shapes, repeats, args.warmup),
+        *linear_table(args.device, shapes, repeats, args.warmup, variants),
         "",
     ]
     if args.device == "cuda":
         lines += ["## token_logprobs achieved memory bandwidth (bf16 logits)", "",
                   "Bytes: forward reads the logits once; backward reads them and writes the gradient.", "",
-                  *token_table(repeats, args.warmup), ""]
+                  *token_table(repeats, args.warmup, SMOKE_TOKEN_SHAPES if args.smoke else CUDA_TOKEN_SHAPES), ""]
+    elif "fused_triton" in variants:
+        lines += ["The Triton rows ran under the Triton interpreter: they show that the code runs, not its speed.", ""]
     else:
         lines += ["The Triton rows are CUDA-only: on CPU the kernels run under the Triton interpreter, which checks "
                   "correctness, not speed.", ""]
-    lines += ["## GRPO loss", "", *grpo_table(args.device, repeats, args.warmup), ""]
+    grpo_shapes = SMOKE_GRPO_SHAPES if args.smoke else GRPO_SHAPES[args.device]
+    liger_shape = SMOKE_LIGER_SHAPE if args.smoke else LIGER_SHAPE
+    lines += ["## GRPO loss", "",
+              *grpo_table(args.device, repeats, args.warmup, grpo_shapes, liger_shape, grpo_backends), ""]
     text = "\n".join(lines)
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,11 @@ Seconds per `GRPOModule` step split by the module's own timers into sampling (`g
 advantages (`reward`), the no-grad reference pass (`reference`, only with beta > 0) and forward, backward and
 optimizer step (`policy`). The target was a reward share below 5 % of a step."""),
     ("kernels_cpu", "Kernels on the CPU (PyTorch references; Triton under the interpreter is for correctness only)",
-     "python bench/kernels.py --device cpu --threads 1", """\
+     "python bench/kernel_speed.py --device cpu --threads 1", """\
 Time and peak extra memory of the LM-head log-prob paths, the GRPO loss and the advantage functions. "x matmul" is
 the time of a variant over the bare `hidden @ W.T` forward and backward; "mem vs naive" its peak extra memory over
 `log_softmax` + `gather` on full logits."""),
-    ("kernels_cuda", "Kernels on a GPU (Triton against PyTorch)", "python bench/kernels.py", """\
+    ("kernels_cuda", "Kernels on a GPU (Triton against PyTorch)", "python bench/kernel_speed.py", """\
 The same tables with the Triton kernels on a CUDA device, in float32 and bfloat16."""),
     ("scorer", "Parser and scorer throughput on every real test split", "python bench/scorer.py", """\
 Parsing and scoring rendered gold targets of all 18 test splits of `../shared/data/uie`, best of three, in the
