@@ -1,6 +1,8 @@
 """``SFTModule``: supervised fine-tuning for the Complete Modeling and Streamlined Alignment stages.
 
-Causal-LM loss on the answer tokens only (the data module masks the prompt): the decoder runs for hidden
+Causal-LM loss on the answer tokens only (the data module masks the prompt), normalised by the answer tokens
+of the whole optimizer step (every micro-batch of a gradient-accumulation window, every rank), so each answer
+token weighs the same however the step is split; the decoder runs for hidden
 states and :func:`prouie_pl.kernels.linear_token_logprobs` applies the LM head only at answer positions, in
 chunks, so the ``[batch, length, vocabulary]`` logits tensor is never built.  AdamW (or bitsandbytes' paged
 8-bit AdamW) with linear warm-up and cosine decay.  Logs loss, learning rate and non-padding tokens per
@@ -16,22 +18,27 @@ from typing import Literal, Optional
 
 import torch
 
-from .datamodules.batching import IGNORE_INDEX
+from .kernels.reference import IGNORE_INDEX
 from .kernels import linear_token_logprobs
 from .modeling import BaseModelSettings, LoRASettings, decoder_and_head
 from .optim import OPTIMIZERS, make_optimizer, warmup_cosine
 from .uie_module import GenerationSettings, UIEModule
 
-def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean negative log-likelihood of the answer tokens, and how many there were."""
+def answer_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the answer tokens, and how many there were."""
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]
     lp = linear_token_logprobs(h, head.weight, targets[keep], bias=head.bias)
-    n = int(keep.sum())
-    return -lp.sum() / max(n, 1), n
+    return -lp.sum(), int(keep.sum())
+
+
+def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean negative log-likelihood of the answer tokens, and how many there were."""
+    nll, n = answer_nll(model, input_ids, attention_mask, labels)
+    return nll / max(n, 1), n
 
 
 class SFTModule(UIEModule):
@@ -76,10 +83,17 @@ class SFTModule(UIEModule):
         self._t0: Optional[float] = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, n_answer = answer_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        nll, n_answer = answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.log("train/loss", nll.detach() / max(n_answer, 1), prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/answer_tokens", float(n_answer), reduce_fx="sum", batch_size=1)
-        return loss
+        step_tokens = batch.get("step_answer_tokens")
+        if step_tokens is None:  # a loader without step weights: the token mean of this micro-batch
+            return nll / max(n_answer, 1)
+        # Every answer token of the optimizer step weighs the same, whatever micro-batch or rank holds it:
+        # Lightning divides the returned loss by accumulate_grad_batches and DDP averages over ranks, so
+        # scale the sum by both and divide by the answer tokens of the whole step (all micro-batches, all ranks).
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size if self._trainer is not None else 1
+        return nll * scale / max(int(step_tokens), 1)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._t0 = time.perf_counter()

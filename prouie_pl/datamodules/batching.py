@@ -5,6 +5,9 @@
   answer (and counted); an example whose prompt alone is too long is dropped (and counted).
 * :class:`LengthGroupedBatchSampler`: batches of similar length (within shuffled mega-batches) to cut
   padding, sharded across ranks by itself (so it needs ``use_distributed_sampler=False``), reshuffled per epoch.
+  Given per-example weights (answer tokens) and the gradient-accumulation factor, it tags every batch with the
+  total weight of its optimizer step over all ranks (``step_weight``), so the SFT loss can be normalised by
+  the answer tokens of the whole step rather than per micro-batch.
 * :class:`ResumableDataLoader`: tells Lightning how many batches of the current epoch were consumed, so a run
   resumed from a mid-epoch checkpoint continues with the next batch instead of replaying the epoch.
 """
@@ -18,22 +21,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..chat import answer_ids, chat_prompt_ids
+from ..kernels.reference import IGNORE_INDEX
 from ..schema import Record
-
-IGNORE_INDEX = -100
-
-
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of the user turn followed by the assistant header (generation prompt)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    else:  # a base model without a template: a plain, documented fallback
-        text = f"{prompt}\nAnswer: "
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def answer_ids(tokenizer, target: str) -> list[int]:
-    return tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 @dataclass
@@ -71,6 +61,18 @@ class RecordList:
         return self.items[i]
 
 
+class BatchIndices(list):
+    """One batch's example indices, with the answer tokens of the optimizer step it belongs to (all ranks)."""
+
+    step_weight: Optional[int] = None
+
+
+class SFTItems(list):
+    """The examples of one batch as the DataLoader hands them to ``collate_sft``."""
+
+    step_weight: Optional[int] = None
+
+
 class SFTDataset(Dataset):
     def __init__(self, examples: list[Encoded]):
         self.examples = examples
@@ -81,8 +83,18 @@ class SFTDataset(Dataset):
     def __getitem__(self, i: int) -> Encoded:
         return self.examples[i]
 
+    def __getitems__(self, indices) -> SFTItems:
+        # the DataLoader passes the batch sampler's list through here, so its step weight reaches the collate
+        items = SFTItems(self.examples[i] for i in indices)
+        items.step_weight = getattr(indices, "step_weight", None)
+        return items
+
     def lengths(self) -> list[int]:
         return [len(e.input_ids) for e in self.examples]
+
+    def answer_tokens(self) -> list[int]:
+        """Tokens each example's loss covers (labels other than IGNORE_INDEX after the first position)."""
+        return [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in self.examples]
 
 
 class PromptDataset(Dataset):
@@ -113,7 +125,11 @@ def collate_sft(pad_id: int) -> Callable:
             ids[i, :n] = torch.tensor(e.input_ids)
             labels[i, :n] = torch.tensor(e.labels)
             mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        weight = getattr(items, "step_weight", None)
+        if weight is not None:
+            batch["step_answer_tokens"] = torch.tensor(weight, dtype=torch.long)
+        return batch
 
     return collate
 
@@ -138,7 +154,7 @@ class LengthGroupedBatchSampler(Sampler):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, group_by_length: bool = True,
                  seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
-                 mega_batch_mult: int = 16):
+                 mega_batch_mult: int = 16, weights: Optional[Sequence[int]] = None, accumulate: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, not {batch_size}")
         self.lengths = list(lengths)
@@ -151,6 +167,10 @@ class LengthGroupedBatchSampler(Sampler):
         self.rank = rank
         self.drop_last = drop_last
         self.mega = mega_batch_mult
+        self.weights = None if weights is None else list(weights)
+        if self.weights is not None and len(self.weights) != len(self.lengths):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.lengths)} examples")
+        self.accumulate = max(1, int(accumulate))
         self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -181,8 +201,16 @@ class LengthGroupedBatchSampler(Sampler):
             per_rank = -(-len(batches) // self.num_replicas)
             total = per_rank * self.num_replicas
             batches = batches + batches[: total - len(batches)]
-            batches = batches[self.rank::self.num_replicas]
-        return batches
+        batches = [BatchIndices(b) for b in batches]
+        if self.weights is not None:
+            # rank r's j-th batch is batches[j * R + r]; an optimizer step takes `accumulate` consecutive ones per rank
+            span = self.accumulate * self.num_replicas
+            for s in range(0, len(batches), span):
+                window = batches[s:s + span]
+                total_weight = sum(self.weights[i] for b in window for i in b)
+                for b in window:
+                    b.step_weight = total_weight
+        return batches[self.rank::self.num_replicas] if self.num_replicas > 1 else batches
 
     def __iter__(self):
         batches = self._all_batches()

@@ -263,8 +263,11 @@ class UIEDataModule(L.LightningDataModule):
             collate = collate_sft(self.tokenizer.pad_token_id)
         if len(dataset) == 0:
             raise DataError(f"no training examples left for epoch {epoch} (raise data.max_seq_length?)")
+        weights = dataset.answer_tokens() if isinstance(dataset, SFTDataset) else None
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         sampler = LengthGroupedBatchSampler(dataset.lengths(), self.batch_size, shuffle=True, group_by_length=self.group_by_length,
-                                            seed=self.seed, epoch=epoch, num_replicas=world, rank=rank)
+                                            seed=self.seed, epoch=epoch, num_replicas=world, rank=rank,
+                                            weights=weights, accumulate=accumulate)
         consumed = None
         if self.trainer is not None:
             loop = self.trainer.fit_loop.epoch_loop
