@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import linear_token_logprobs
+from ..kernels.reference import IGNORE_INDEX
 from ..modeling import decoder_and_head
 
 
@@ -22,5 +23,5 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
     p = prompt_ids.shape[1]
     h = hidden[:, p - 1:-1]
-    targets = completion_ids.masked_fill(completion_mask == 0, -100)
+    targets = completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
     return linear_token_logprobs(h, head.weight, targets, bias=head.bias, temperature=temperature)

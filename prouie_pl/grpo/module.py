@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Literal, Optional
 
 import torch
 
 from ..kernels import group_advantages, grpo_loss, stepwise_advantages
+from ..kernels.reference import LOSS_TYPES
 from ..modeling import BaseModelSettings, LoRASettings
 from ..optim import OPTIMIZERS, make_optimizer, warmup_constant
 from ..rewards import RewardSettings, completion_token_ends, sfr_reward
@@ -43,7 +44,6 @@ from ..uie_module import GenerationSettings, UIEModule
 from .logprobs import completion_logprobs
 from .rollout import RolloutSettings, generate_rollouts
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_MODES = ("stepwise", "outcome")
 
 
@@ -197,7 +197,7 @@ class GRPOModule(UIEModule):
     @torch.no_grad()
     def _logprobs_no_grad(self, rollout, chunks: list[slice], reference: bool) -> torch.Tensor:
         outs = []
-        ctx = self.model.disable_adapter() if reference else _nullcontext()
+        ctx = self.model.disable_adapter() if reference else nullcontext()
         with ctx:
             for rows in chunks:
                 outs.append(self._logprobs(rollout, rows))
@@ -209,23 +209,15 @@ class GRPOModule(UIEModule):
         size = self.micro_batch_size or n
         return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
-    def _sync_gradients(self) -> None:
-        """Average LoRA gradients across ranks (micro-batch backward passes bypass DDP's own reducer)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        if world == 1:
-            return
-        params = [p for p in self.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
+    def _backward_sync(self, last: bool):
+        """Under DDP, gradients are reduced once per optimizer step: by DDP, in the last backward of the pass.
+
+        Lightning prepares DDP's reducer on every ``manual_backward``, so without this each micro-batch would
+        all-reduce the gradients again."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if last or strategy is None or not hasattr(strategy, "block_backward_sync"):
+            return nullcontext()
+        return strategy.block_backward_sync()
 
     # ------------------------------------------------------------------ the step
 
@@ -267,7 +259,8 @@ class GRPOModule(UIEModule):
                 opt.zero_grad()
                 idx = active.nonzero().flatten()
                 size = self.micro_batch_size or max(1, len(idx))
-                for start in range(0, len(idx), size):
+                starts = range(0, len(idx), size)
+                for start in starts:
                     rows = idx[start:start + size]
                     lp = completion_logprobs(self.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], mask[rows], self.rollout_settings.temperature)
                     m = mask[rows]
@@ -278,11 +271,11 @@ class GRPOModule(UIEModule):
                     )
                     tokens = float(m.sum())
                     weight = tokens / max(total_tokens, 1.0) if self.loss_type in ("bnpo", "dapo") else len(rows) / n
-                    self.manual_backward(loss * weight)
+                    with self._backward_sync(last=start == starts[-1]):
+                        self.manual_backward(loss * weight)
                     losses.append(float(loss.detach()) * weight)
                     for k, v in metrics.items():
                         metrics_acc[k] += float(v) * tokens / max(total_tokens, 1.0) / self.num_iterations
-                self._sync_gradients()
                 if self.max_grad_norm and self.max_grad_norm > 0:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
@@ -333,7 +326,3 @@ class GRPOModule(UIEModule):
         self.log_dict(log, prog_bar=False, batch_size=bs)
         self.log("reward", log["train/reward"], prog_bar=True, logger=False, batch_size=bs)
 
-
-@contextmanager
-def _nullcontext():
-    yield
