@@ -19,6 +19,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY = "tiny"
+GEMMA = "gemma-3-270m"
+EMBEDDED_MODELS = (TINY, GEMMA)
 
 
 @dataclass
@@ -26,9 +28,11 @@ class BaseModelSettings:
     """The frozen base model.
 
     Args:
-        name_or_path: hub id, local folder, or ``tiny`` for the embedded tiny model.
+        name_or_path: hub id, local folder, or an embedded model: ``tiny`` (small offline Llama) or
+            ``gemma-3-270m`` (Gemma 3 270M from the ``gemma`` extra's registry package).
         quantization: ``nf4`` (4-bit QLoRA base) or ``none``.
-        dtype: dtype of the (non-quantised) weights.
+        dtype: dtype of the frozen (non-quantised) base weights; LoRA weights stay float32.  ``auto``: bfloat16
+            where matmuls run natively in it (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else float32.
         compute_dtype: dtype of 4-bit matmuls (nf4 only).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``); None keeps the default.
@@ -36,7 +40,7 @@ class BaseModelSettings:
 
     name_or_path: str = TINY
     quantization: Literal["none", "nf4"] = "none"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = None
@@ -66,32 +70,82 @@ class LoRASettings:
             self.init_adapter = None
 
 
-def tiny_model_cache() -> Path:
+def model_cache() -> Path:
+    """Where embedded models are built and kept: ``$PROUIE_CACHE``, else ``~/.cache/prouie_pl``."""
     return Path(os.environ.get("PROUIE_CACHE", Path.home() / ".cache" / "prouie_pl"))
 
 
+def cached_build(folder: Path, build) -> Path:
+    """``folder`` if it holds a model already, else ``build(tmp)`` into a private temporary folder renamed into place.
+
+    Safe against two processes at once: each builds in its own folder and the first rename wins.  The build
+    runs with the caller's random state saved and restored, so building a model on first use leaves a seeded
+    run exactly where a run that found the cache would be.
+    """
+    import random
+    import shutil
+
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        random.setstate(py_state)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process won the race; use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """``tiny`` -> the cached embedded tiny model (built on first use); anything else unchanged."""
+    """Embedded names -> cached folders (built on first use); anything else unchanged.
+
+    ``tiny``: the small offline Llama (:mod:`prouie_pl.tiny_model`); ``gemma-3-270m``: Gemma 3 270M converted
+    from the registry package's GGUF (:mod:`prouie_pl.gemma_base`).
+    """
+    if name_or_path == GEMMA:
+        from . import gemma_base
+
+        folder = model_cache() / gemma_base.cache_key()
+        return str(cached_build(folder, gemma_base.convert))
     if name_or_path != TINY:
         return name_or_path
-    from .demo_data import demo_data_dir
+    from .demo_data import demo_data_files
     from .tiny_model import build_tiny_model
 
     digest = hashlib.sha1()
-    for p in sorted(demo_data_dir().rglob("*.json")):
+    for p in demo_data_files():
         digest.update(p.read_bytes())
     digest.update(Path(__file__).with_name("tiny_model.py").read_bytes())
-    folder = tiny_model_cache() / f"tiny-{digest.hexdigest()[:12]}"
-    if not (folder / "config.json").is_file():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_tiny_model(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race; use its copy
-            import shutil
+    folder = model_cache() / f"tiny-{digest.hexdigest()[:12]}"
+    return str(cached_build(folder, build_tiny_model))
 
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype:
+    """The torch dtype for ``model.base.dtype`` (``auto`` decided by the hardware the run is on)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device is not None and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def load_tokenizer(name_or_path: str):
@@ -108,7 +162,7 @@ def load_model(base: BaseModelSettings, lora: Optional[LoRASettings], device: Op
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(base.name_or_path)
-    kwargs: dict = {"dtype": DTYPES[base.dtype]}
+    kwargs: dict = {"dtype": resolve_dtype(base.dtype, device)}
     if base.attn_implementation:
         kwargs["attn_implementation"] = base.attn_implementation
     if base.quantization == "nf4":
@@ -132,6 +186,7 @@ def load_model(base: BaseModelSettings, lora: Optional[LoRASettings], device: Op
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=base.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_trainable_4bit_layout(model)
     elif base.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -144,10 +199,32 @@ def load_model(base: BaseModelSettings, lora: Optional[LoRASettings], device: Op
     if lora.init_adapter:
         if not (Path(lora.init_adapter) / "adapter_config.json").is_file():
             raise ValueError(f"model.lora.init_adapter {lora.init_adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
-        return PeftModel.from_pretrained(model, lora.init_adapter, is_trainable=True)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                        bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+        peft_model = PeftModel.from_pretrained(model, lora.init_adapter, is_trainable=True)
+    else:
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                            bias="none", task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def keep_trainable_4bit_layout(model) -> int:
+    """Switch off bitsandbytes' CPU inference repack of 4-bit weights; returns how many layers it touched.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a ``Linear4bit`` weight in place the first time the
+    layer runs in eval mode without gradients (every validation decode and GRPO rollout): a tiled layout, the
+    double-quantised absmax expanded and rounded to bf16.  It never converts back, and in that layout
+    ``matmul_4bit`` calls a kernel without autograd, so later training passes lose the gradient through the
+    frozen base and run on slightly different weights.  Measured on the tiny model (nf4, LoRA r=8), after one
+    eval forward: LoRA gradients off by 121% (relative norm), loss off by 6e-4, dequantised weights moved by up
+    to 4e-4; with the repack off, bit-identical to a run that never entered eval mode.  Training therefore keeps
+    the layout it trains in; inference-only callers may leave the repack on for speed.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def decoder_and_head(model):
@@ -158,10 +235,6 @@ def decoder_and_head(model):
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.get_decoder(), inner.get_output_embeddings()
-
-
-def lora_parameters(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n}
 
 
 def base_parameters(model) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 HEAD_INIT_SCALE = 4.0
+BUILD_THREADS = 2
 
 
 def corpus_records(root: Optional[str | os.PathLike] = None, max_records_per_dataset: int = 2000) -> list:
@@ -92,6 +93,8 @@ def pretrain(model, tokenizer, documents: list[str], steps: int, batch_size: int
 
     import torch
 
+    from .kernels.reference import IGNORE_INDEX
+
     if steps <= 0 or not documents:
         return []
     rng = random.Random(seed)
@@ -103,7 +106,7 @@ def pretrain(model, tokenizer, documents: list[str], steps: int, batch_size: int
         # a separator before each document, so its first token is predicted (and learned) too
         batch = [SPECIAL_TOKENS[0] + d + tokenizer.eos_token for d in rng.sample(documents, min(batch_size, len(documents)))]
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=512)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE_INDEX)
         loss = model(**enc, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,7 +162,7 @@ def build_tiny_model(
 
     ``corpus`` is an IE INSTRUCTIONS root (default: the demo data); its training split trains the tokenizer
     and, for ``pretrain_steps`` steps, the base (see the module docstring).  Deterministic for a given corpus,
-    sizes and seed.
+    sizes and seed on one machine (the base trains on ``BUILD_THREADS`` threads whatever the caller uses).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -186,7 +189,14 @@ def build_tiny_model(
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # room for confident logits under a frozen head (see the module docstring)
         model.lm_head.weight.mul_(HEAD_INIT_SCALE)
-    losses = pretrain(model, tokenizer, pretraining_documents(records), pretrain_steps, seed=seed)
+    # CPU matmuls round differently with another thread count; a fixed one makes the cached model the same
+    # whichever process (a one-thread test, the demo) happens to build it first
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        losses = pretrain(model, tokenizer, pretraining_documents(records), pretrain_steps, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )

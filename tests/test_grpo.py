@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import prouie_pl.grpo.module as grpo_module
-from training_helpers import REPO, assert_config_error, column, stage_config
+from training_helpers import REPO, assert_config_error, column, dequantised_base, stage_config
 from prouie_pl.lightning_cli import build_cli
 from prouie_pl.reports import latest_metrics
 
@@ -28,10 +28,13 @@ QUIET = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": F
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
+    """One thread and torch's deterministic algorithms: with the configs' seeds, every run here repeats itself."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     yield
     torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 class StepStats(L.Callback):
@@ -195,16 +198,21 @@ def test_grpo_raises_greedy_reward_from_a_warm_adapter(warm_adapter, tmp_path, a
     cli.trainer.fit(module, datamodule=data)
     after = greedy_outcome(module, prompts, GRPO_MAX_NEW_TOKENS)
 
-    print(f"\n[{advantage}] greedy outcome reward on the 4 prompts: {before:.3f} -> {after:.3f}")
+    sampled = [s["train/reward"] for s in stats.steps]
+    early, late = sum(sampled[:3]) / 3, sum(sampled[-3:]) / 3
+    print(f"\n[{advantage}] sampled reward, steps 1-3 -> 10-12: {early:.3f} -> {late:.3f}; greedy on the 4 prompts: {before:.3f} -> {after:.3f}")
     assert cli.trainer.global_step == 12
     assert module.reference_passes == 0  # beta = 0: the reference is never run
     # the warm adapter gives groups with reward spread, i.e. a learning signal, from the first step on
     assert stats.steps[0]["train/zero_spread_groups"] < 1.0
     assert all(math.isfinite(s["train/loss"]) for s in stats.steps)
-    # the outcome reward lies in [-1, 1]; the warm-up leaves it between -0.42 and 0 on these prompts (most
-    # answers do not parse; the warm-up's floats vary with thread scheduling); 12 steps lifted the mean by 0.64
-    # to 1.06 in 14 trial runs (7 seeds x both modes, two warm-up seeds) and by 0.275 in a full-suite run
-    assert after > 0.0 and after >= before + 0.2, (before, after)
+    # What GRPO raises is the expected reward of the policy on its prompts: the mean outcome reward (in [-1, 1]) of
+    # the 3 x 32 completions sampled in steps 1-3 against steps 10-12.  Over 10 runs (5 rollout seeds x both
+    # modes) it rose by 0.39 to 0.63, from -0.22..-0.04 to 0.25..0.45; the noise of one such mean is about 0.05.
+    # Greedy answers to 4 prompts move in coarse jumps (they stayed put in one of those runs), so they are only
+    # required not to get worse.
+    assert late >= early + 0.15, sampled
+    assert after >= before - 1e-9, (before, after)
     trained = lora_state(module)
     assert trained and all(not torch.equal(init_lora[n], p) for n, p in trained.items())
     assert all(torch.equal(init_base[n], p) for n, p in base_parameters(module.model).items())
@@ -354,7 +362,7 @@ def test_qlora_nf4_grpo_steps_on_cpu(tiny_model_dir, random_adapter, tmp_path):
     cli.model.configure_model()
     four_bit = [m for m in cli.model.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) >= 2 * 7  # every linear layer of both blocks
-    packed = {id(m): m.weight.data.clone() for m in four_bit}
+    meaning = dequantised_base(cli.model.model)
     lora = lora_state(cli.model)
     stats = StepStats()
     cli.trainer.callbacks.append(stats)
@@ -363,7 +371,9 @@ def test_qlora_nf4_grpo_steps_on_cpu(tiny_model_dir, random_adapter, tmp_path):
     assert cli.trainer.global_step == 2 and len(stats.steps) == 2
     assert all(math.isfinite(s["train/loss"]) and s["train/kl"] > 0 for s in stats.steps)
     assert cli.model.reference_passes == 2  # the reference is the 4-bit base with the adapter disabled
-    assert all(torch.equal(packed[id(m)], m.weight.data) for m in four_bit)
+    # the frozen base still means the same weights after rollouts (eval mode) and updates, whatever its byte layout
+    after = dequantised_base(cli.model.model)
+    assert after.keys() == meaning.keys() and all(torch.equal(meaning[k], after[k]) for k in meaning)
     assert any(not torch.equal(lora[n], p) for n, p in cli.model.named_parameters() if p.requires_grad)
 
 
@@ -380,18 +390,27 @@ def test_ddp_two_processes_end_with_identical_adapters(tiny_model_dir, random_ad
         "trainer.logger": True,
         "trainer.log_every_n_steps": 1,
         "trainer.callbacks": [{"class_path": "prouie_pl.callbacks.RankConsistencyCheck"},
-                              {"class_path": "prouie_pl.callbacks.AdapterExport", "init_args": {"monitor": None}}],
+                              {"class_path": "prouie_pl.callbacks.AdapterExport", "init_args": {"monitor": None}},
+                              {"class_path": "ddp_probe.GradientReductionCounter"}],
         # policy != reference, so the KL term has a gradient, and it differs between ranks (different prompts)
         "model.init_args.lora.init_adapter": str(random_adapter),
         "model.init_args.beta": 0.04,
         "model.init_args.learning_rate": 1.0e-2,
+        "model.init_args.micro_batch_size": 4,  # 2 prompts x 4 completions per rank: two backward passes a step
     })
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     proc = subprocess.run([sys.executable, "-m", "prouie_pl", "fit", "--config", str(cfg)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "ddp"
     check = json.loads((run / "rank_check.json").read_text())
     assert [r["rank"] for r in check["ranks"]] == [0, 1] and check["identical"] is True
+    # each optimizer step reduces every gradient bucket exactly once, through DDP, and nothing else all-reduces
+    for rank in (0, 1):
+        steps = json.loads((run / f"reductions_rank{rank}.json").read_text())
+        assert len(steps) == 3
+        for step in steps:
+            assert step["buckets"] and sorted(step["buckets"]) == sorted(set(step["buckets"])), step
+            assert step["direct_all_reduce"] == 0, step
     kl = column(latest_metrics(run), "train/kl")
     assert kl and all(v > 0 for v in kl)
     start, end = load_file(str(random_adapter / "adapter_model.safetensors")), load_file(str(run / "adapter" / "adapter_model.safetensors"))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -56,12 +56,6 @@ def stage_config(base: str, out: Path, **changes) -> Path:
     return out
 
 
-def no_progress_callbacks(extra: Optional[list] = None, keep=("StageCheckpoint", "AdapterExport", "GenerationEvaluator", "CurriculumCallback")) -> list:
-    cfg = yaml.safe_load((REPO / "configs" / "tiny" / "cm.yaml").read_text())
-    cbs = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].rsplit(".", 1)[-1] in keep]
-    return cbs + (extra or [])
-
-
 def column(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
 
@@ -78,3 +72,18 @@ def assert_config_error(argv: list[str], capsys, expected: str) -> None:
     assert code == 2
     assert expected in err
     assert "Traceback" not in err
+
+
+def dequantised_base(model) -> dict[str, torch.Tensor]:
+    """What each 4-bit weight means (float32), whatever byte layout bitsandbytes keeps it in."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            data, state = module.weight.data.clone(), copy.deepcopy(module.weight.quant_state)
+            if getattr(state, "packing_format_for_cpu", False):
+                data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
+            out[name] = F.dequantize_4bit(data, state).float()
+    return out

@@ -183,3 +183,9 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, sizes: dict[str, int
 def demo_data_dir() -> Path:
     """Folder of the shipped demo data (inside the installed package)."""
     return Path(__file__).resolve().parent
+
+
+def demo_data_files() -> list[Path]:
+    """The synthetic data set's files (``{NER,RE,EE}/<Dataset>/*.json``), sorted."""
+    root = demo_data_dir()
+    return sorted(p for task in DATASETS for p in (root / task).rglob("*.json"))
