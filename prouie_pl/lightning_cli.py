@@ -95,6 +95,25 @@ def build_cli(argv: Sequence[str], run: bool = True) -> ProUIECLI:
         )
 
 
+def embedded_config_args(argv: Sequence[str]) -> list[str]:
+    """``--config NAME`` (or ``-c NAME``, ``--config=NAME``) of a shipped config becomes its path; the rest is unchanged."""
+    from .config_files import resolve_config
+
+    out, args = [], list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c") and i + 1 < len(args):
+            out += [a, resolve_config(args[i + 1])]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            a = "--config=" + resolve_config(a.split("=", 1)[1])
+        out.append(a)
+        i += 1
+    return out
+
+
 def run_lightning_cli(argv: Sequence[str]) -> int:
-    build_cli(argv)
+    build_cli(embedded_config_args(argv))
     return 0

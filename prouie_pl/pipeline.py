@@ -57,9 +57,12 @@ def _resolve(path: str, base: Path) -> str:
 
 
 def load_pipeline_config(path: str) -> dict:
-    p = Path(path)
+    from .config_files import embedded_configs, resolve_config
+
+    p = Path(resolve_config(path))
     if not p.is_file():
-        raise FileNotFoundError(f"pipeline config {path!r} does not exist")
+        names = ", ".join(n for n in embedded_configs() if n.endswith("pipeline.yaml") or "pipeline_" in n)
+        raise FileNotFoundError(f"pipeline config {path!r} is neither a file nor a shipped config (shipped: {names})")
     cfg = yaml.safe_load(p.read_text()) or {}
     unknown = set(cfg) - {"stages", "overrides", "stage_overrides", "adapter"}
     if unknown:
