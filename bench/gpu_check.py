@@ -184,9 +184,11 @@ def _leaf(t, dev, dtype=None):
 def _targets(shape, vocab: int, gen):
     import torch
 
+    from prouie_pl.kernels.reference import IGNORE_INDEX
+
     targets = torch.randint(0, vocab, shape, generator=gen)
     flat = targets.view(-1)
-    flat[::7] = -100  # ignored positions
+    flat[::7] = IGNORE_INDEX  # ignored positions
     flat[-1] = vocab - 1  # the last vocabulary entry lives in the remainder block
     return targets
 
@@ -453,6 +455,8 @@ def meter(cuda: bool):
     import lightning as L
     import torch
 
+    from prouie_pl.kernels.reference import IGNORE_INDEX
+
     kernel_bench = _bench_kernels_module()  # its peak-RSS helpers, for the CPU
 
     class _StepMeter(L.Callback):
@@ -484,7 +488,7 @@ def meter(cuda: bool):
             else:  # SFT: the loss Lightning hands back, and the tokens of the batch
                 loss = outputs["loss"] if isinstance(outputs, dict) else outputs
                 row.update(loss=float(loss), tokens=int(batch["attention_mask"].sum()),
-                           answer_tokens=int((batch["labels"] != -100).sum()))
+                           answer_tokens=int((batch["labels"] != IGNORE_INDEX).sum()))
             self.steps.append(row)
 
     return _StepMeter()

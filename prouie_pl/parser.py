@@ -233,9 +233,6 @@ class ParseResult:
     problems: list[str] = field(default_factory=list)
     truncated: bool = False
 
-    def keys(self, kind: Optional[str] = None) -> set:
-        return {u.key() for u in self.units if kind is None or u.kind == kind}
-
 
 def parse_output(text: str, task: str, schema: Optional[LabelSchema] = None) -> ParseResult:
     """Parse ``text`` (either format) for ``task``; never raises.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from prouie_pl.kernels.reference import IGNORE_INDEX
 
 # Normalised tolerances: max |actual - expected| <= tol * max |expected|.
 # Outputs are computed in float32 from the exact (already rounded) inputs, so they are tight for every dtype.
@@ -28,9 +29,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 
 
 def truth_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """float64 log_softmax, then gather; -100 targets give 0. Differentiable w.r.t. ``logits``."""
+    """float64 log_softmax, then gather; IGNORE_INDEX targets give 0. Differentiable w.r.t. ``logits``."""
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    ignored = targets == -100
+    ignored = targets == IGNORE_INDEX
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(ignored, torch.zeros_like(picked), picked)
 

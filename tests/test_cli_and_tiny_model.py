@@ -59,9 +59,13 @@ def test_tiny_model_loads_through_auto_classes_and_generates(tiny_model_dir):
     assert text == "<|im_start|>user\nText: Ann lives in Oslo .<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text, return_tensors="pt")
     assert tok.decode(ids["input_ids"][0]) == text  # byte-level BPE round-trips exactly
-    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1].item() == tok.eos_token_id
-    assert torch.isfinite(model(**ids).logits).all()
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id)
+    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    assert 1 <= len(new) <= 5
+    assert tok.eos_token_id not in new[:-1]  # generation stops at the first end token, if any
+    logits = model(**ids).logits
+    assert torch.isfinite(logits).all()
+    assert new[0] == int(logits[0, -1].argmax())  # greedy: the first new token is the argmax of the last logits
 
 
 def test_tiny_model_command(tmp_path):
@@ -69,18 +73,3 @@ def test_tiny_model_command(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["hidden_size"] == 32 and cfg["num_hidden_layers"] == 1 and cfg["vocab_size"] <= 600
     assert json.loads((tmp_path / "m" / "pretraining.json").read_text())["steps"] == 3
-
-
-def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    readme = (repo / "README.md").read_text()
-    setup = readme.split("## Set up and run", 1)[1].split("###", 1)[0]
-    commands = [line for line in setup.splitlines() if line.startswith("python3 -m venv")]
-    assert len(commands) == 2
-    main_job, tests = commands
-    assert "pip install torch==2.13.0 && pip install -e ." in main_job and "python -m prouie_pl pipeline" in main_job
-    assert "python -m pytest" in tests
-    ci = (repo / ".ci" / "run").read_text().splitlines()
-    assert tests in ci  # CI runs exactly the README's test command

@@ -8,6 +8,7 @@ from _markers import KERNEL_DEVICE, requires_triton
 from _kernel_truths import GRAD_TOL, LINEAR_TOL, OUTPUT_TOL, assert_close, truth_token_logprobs
 
 from prouie_pl.kernels import linear_token_logprobs, reference, token_logprobs
+from prouie_pl.kernels.reference import IGNORE_INDEX
 
 DEV = KERNEL_DEVICE
 
@@ -20,7 +21,7 @@ def _id(value):
 def _targets(shape, vocab, generator, n_ignored=2):
     targets = torch.randint(0, vocab, shape, generator=generator)
     flat = targets.view(-1)
-    flat[:: max(1, flat.numel() // n_ignored)][:n_ignored] = -100  # a couple of ignored positions
+    flat[:: max(1, flat.numel() // n_ignored)][:n_ignored] = IGNORE_INDEX  # a couple of ignored positions
     flat[-1] = vocab - 1  # the last vocabulary entry lives in the remainder block
     return targets
 
@@ -70,10 +71,10 @@ def test_token_logprobs_triton_matches_reference_and_float64(dtype, shape, tempe
 def test_ignore_index_gives_zero_logprob_and_zero_gradient(backend):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 1003, generator=gen, device="cpu").to(DEV).requires_grad_()
-    targets = torch.tensor([5, -100, 1002, -100, 0, 17], device=DEV)
+    targets = torch.tensor([5, IGNORE_INDEX, 1002, IGNORE_INDEX, 0, 17], device=DEV)
     out = token_logprobs(logits, targets, backend=backend)
     out.sum().backward()
-    ignored = targets == -100
+    ignored = targets == IGNORE_INDEX
     assert torch.equal(out[ignored], torch.zeros(2, device=DEV))
     assert torch.equal(logits.grad[ignored], torch.zeros(2, 1003, device=DEV))
     assert (out[~ignored] < 0).all()
@@ -117,7 +118,7 @@ def test_triton_handles_minus_infinity_logits():
     logits = torch.randn(4, 1003, generator=gen)
     logits[0, :300] = float("-inf")  # beyond the first block: the running max starts at -inf
     logits[1, 500:] = float("-inf")
-    targets = torch.tensor([400, 10, 999, -100])
+    targets = torch.tensor([400, 10, 999, IGNORE_INDEX])
     x = logits.to(DEV).requires_grad_()
     out = token_logprobs(x, targets.to(DEV), backend="triton")
     out.sum().backward()
@@ -130,7 +131,7 @@ def test_triton_handles_minus_infinity_logits():
 def test_token_logprobs_reference_gradcheck_float64():
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    targets = torch.tensor([[0, 6, -100], [3, 3, 1]])
+    targets = torch.tensor([[0, 6, IGNORE_INDEX], [3, 3, 1]])
     assert torch.autograd.gradcheck(lambda x: reference.token_logprobs(x, targets, 0.8), (logits,))
 
 
@@ -253,7 +254,7 @@ def test_linear_reference_gradcheck_float64(frozen_head):
     hidden = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=not frozen_head)
     bias = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=not frozen_head)
-    targets = torch.tensor([0, 6, -100, 3, 3])
+    targets = torch.tensor([0, 6, IGNORE_INDEX, 3, 3])
     fn = lambda h, w, b: reference.linear_token_logprobs(h, w, targets, b, temperature=0.8, chunk_size=2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 

@@ -11,7 +11,7 @@ from prouie_pl.kernels import grpo_loss, reference
 
 DEV = KERNEL_DEVICE
 BACKENDS = [pytest.param("triton", marks=requires_triton), "torch"]
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+LOSS_TYPES = list(reference.LOSS_TYPES)
 
 
 def _hand_batch():

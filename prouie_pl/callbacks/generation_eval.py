@@ -43,7 +43,6 @@ class GenerationEvaluator(L.Callback):
         self.mode = mode
         self._rows: list = []
         self.last_report: Optional[dict] = None
-        self.history: list[dict] = []
 
     # ------------------------------------------------------------------ collection
 
@@ -98,7 +97,6 @@ class GenerationEvaluator(L.Callback):
             return
         report, rows = self._score()
         self.last_report = report
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "f1": report["overall_f1"], **{f"f1_{k}": v for k, v in task_scores(report).items()}})
         self._log(pl_module, "val", report)
         if trainer.is_global_zero and self.sample_rows:
             self._print_samples(rows, report, trainer)

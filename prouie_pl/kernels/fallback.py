@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import ENV_VAR, resolve_backend
+from .reference import IGNORE_INDEX
 
 __all__ = ["KernelFallbackWarning", "fallback_status", "kernel_guard", "reset_kernel_guard"]
 
@@ -102,7 +103,7 @@ def _token_logprobs_case(call: dict, device: torch.device, gen: torch.Generator)
     dtype = call["logits"].dtype
     vocab = 301  # not a power of two: the last block is partial
     targets = torch.randint(0, vocab, (2, 5), generator=gen)
-    targets[0, 1], targets[1, 4] = -100, vocab - 1
+    targets[0, 1], targets[1, 4] = IGNORE_INDEX, vocab - 1
     logits = (3 * _rand(gen, 2, 5, vocab)).to(device, dtype)
     return _Case({"logits": logits, "targets": targets.to(device), "temperature": call.get("temperature", 1.0)},
                  ("logits",), dtype)
@@ -113,7 +114,7 @@ def _linear_token_logprobs_case(call: dict, device: torch.device, gen: torch.Gen
     dtype, vocab, width, rows = weight_in.dtype, 301, 24, 11
     trainable = weight_in.requires_grad
     targets = torch.randint(0, vocab, (rows,), generator=gen)
-    targets[3] = -100
+    targets[3] = IGNORE_INDEX
     kwargs = {
         "hidden": _rand(gen, rows, width).to(device, dtype),
         "weight": (0.3 * _rand(gen, vocab, width)).to(device, dtype),

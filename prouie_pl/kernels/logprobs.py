@@ -15,7 +15,7 @@ The chunking and matmuls live in
 :func:`prouie_pl.kernels.reference.chunked_linear_token_logprobs`, shared with the CPU reference so both paths
 differ only in the row operations.
 
-Targets equal to -100 give log-probability 0 and a zero gradient. Other out-of-range targets raise in the torch
+Targets equal to ``IGNORE_INDEX`` (-100) give log-probability 0 and a zero gradient. Other out-of-range targets raise in the torch
 path and give NaN in the Triton path (the kernels do not synchronise to check).
 """
 
@@ -27,6 +27,8 @@ from torch import Tensor
 from . import reference
 from ._dispatch import jit, resolve_backend, row_block, tl
 from .fallback import kernel_guard
+
+_IGNORE_INDEX = tl.constexpr(reference.IGNORE_INDEX)  # a Triton kernel reads globals only as constexpr
 
 __all__ = ["linear_token_logprobs", "token_logprobs"]
 
@@ -50,7 +52,7 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // rows_per_batch) * batch_stride + (row % rows_per_batch) * row_stride
     target = tl.load(targets_ptr + row)
-    ignored = target == -100
+    ignored = target == _IGNORE_INDEX
 
     running_max = float("-inf")
     running_sum = 0.0
@@ -94,7 +96,7 @@ def _logprobs_bwd_kernel(
     row_ptr = logits_ptr + batch * batch_stride + row_in_batch * row_stride
     grad_row_ptr = grad_logits_ptr + batch * grad_batch_stride + row_in_batch * grad_row_stride
     target = tl.load(targets_ptr + row)
-    ignored = target == -100
+    ignored = target == _IGNORE_INDEX
     scale = tl.load(grad_logprobs_ptr + row).to(tl.float32) * inv_temperature
     scale = tl.where(ignored, 0.0, scale)
     lse = tl.load(lse_ptr + row)
@@ -182,14 +184,14 @@ def _check_targets(targets: Tensor, lead_shape: torch.Size, what: str) -> None:
     if targets.shape != lead_shape:
         raise ValueError(f"targets has shape {tuple(targets.shape)} but {what} needs {tuple(lead_shape)}.")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor (token ids, -100 to ignore), got {targets.dtype}.")
+        raise ValueError(f"targets must be an integer tensor (token ids, {reference.IGNORE_INDEX} to ignore), got {targets.dtype}.")
 
 
 @kernel_guard("token_logprobs")
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, backend: str = "auto") -> Tensor:
     """Float32 ``log_softmax(logits / temperature)`` at ``targets``, shape ``logits.shape[:-1]``.
 
-    ``logits``: [N, V] or [B, T, V], fp32 / bf16 / fp16. ``targets``: integer ids of the leading shape; -100 gives
+    ``logits``: [N, V] or [B, T, V], fp32 / bf16 / fp16. ``targets``: integer ids of the leading shape; ``IGNORE_INDEX`` (-100) gives
     0 and no gradient. Differentiable w.r.t. ``logits`` (the gradient has the logits' dtype).
     """
     if logits.dim() not in (2, 3) or logits.dtype not in _FLOAT_DTYPES:
