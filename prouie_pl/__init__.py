@@ -6,3 +6,14 @@ single-GPU 4-bit QLoRA path.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Extractor", "__version__"]
+
+
+def __getattr__(name: str):
+    # imported on first use: the extractor pulls in torch and transformers, which `import prouie_pl` should not
+    if name == "Extractor":
+        from .extractor import Extractor
+
+        return Extractor
+    raise AttributeError(f"module 'prouie_pl' has no attribute {name!r}")

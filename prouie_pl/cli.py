@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .gemma_base import MissingModelPackage
 from .reader import ON_ERROR, SPLITS, DataError, LoadReport
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -28,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "tiny-model": "build a tiny Llama and tokenizer offline (tests, demo, CPU benchmarks)",
     "demo-data": "write the embedded demo data set (seeded generator) to a folder",
     "export": "merge a LoRA adapter into a bf16 copy of its base model and save it",
+    "extract": "extract entities, relations and events from your own text with a trained model and schema",
 }
 
 
@@ -159,6 +161,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .export import export_main
 
             return export_main(argv[1:])
+        if argv and argv[0] == "extract":
+            from .extract_command import extract_main
+
+            return extract_main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
@@ -167,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except DataError as exc:
         return _fail(exc.lines + ([exc.hint] if exc.hint else []))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, MissingModelPackage) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", code=130)

@@ -9,12 +9,13 @@ which is rebuilt from ``model.base`` on resume.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
 
 from .modeling import BaseModelSettings, LoRASettings, load_model, load_tokenizer
+from .schema import Record
 
 
 @dataclass
@@ -23,9 +24,13 @@ class GenerationSettings:
 
     Args:
         max_new_tokens: cap on generated tokens per answer; answers cut there count as truncated.
+        constrained: schema-constrained decoding (:mod:`prouie_pl.constrained`): only the concise format's
+            skeleton, the record's schema labels and spans copied from its sentence; every answer parses.  It
+            writes the concise format, so it suits SA and DE models (and data with ``target_format: concise``).
     """
 
     max_new_tokens: int = 256
+    constrained: bool = False
 
 
 class UIEModule(L.LightningModule):
@@ -68,10 +73,6 @@ class UIEModule(L.LightningModule):
                 "or model.base.quantization=none with bf16 weights for FSDP/DeepSpeed."
             )
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
@@ -103,25 +104,35 @@ class UIEModule(L.LightningModule):
 
     # ------------------------------------------------------------------ decoding
 
-    @torch.no_grad()
-    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: Optional[int] = None) -> tuple[list[str], list[bool]]:
-        """Greedy answers for a left-padded prompt batch, and whether each was cut by the length limit."""
-        tok = self.tokenizer
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer (see :mod:`prouie_pl.chat`)."""
+        from .chat import stop_token_ids
+
+        return stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
+
+    def generate_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: Optional[int] = None,
+                       records: Optional[Sequence[Record]] = None) -> tuple[list[str], list[bool]]:
+        """Greedy answers for a left-padded prompt batch, and whether each was cut by the length limit.
+
+        With ``generation.constrained`` the answers are decoded under the schema constraint of each row's record
+        (``records``, in batch order: task, schema and sentence).
+        """
+        from .decoding import generate_greedy
+
         limit = max_new_tokens or self.generation_settings.max_new_tokens
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=limit, do_sample=False,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
-        if was_training:
-            self.model.train()
-        new = out[:, input_ids.shape[1]:]
-        ended = (new == tok.eos_token_id).any(dim=1)
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        return texts, [not bool(e) for e in ended]
+        rows = None
+        if self.generation_settings.constrained:
+            if records is None:
+                raise ValueError("model.generation.constrained needs the batch's records (task, schema, sentence) to constrain on")
+            rows = [(r.task, r.schema, r.sentence) for r in records]
+        out = generate_greedy(self.model, self.tokenizer, input_ids, attention_mask, limit, self.stop_ids, constraint_rows=rows)
+        return out.texts, out.truncated
 
     def _decode_step(self, batch: dict) -> dict:
-        texts, cut = self.generate_texts(batch["input_ids"], batch["attention_mask"])
-        return {"records": batch["records"].items, "outputs": texts, "truncated": cut}
+        records = batch["records"].items
+        texts, cut = self.generate_texts(batch["input_ids"], batch["attention_mask"], records=records)
+        return {"records": records, "outputs": texts, "truncated": cut}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         return self._decode_step(batch)

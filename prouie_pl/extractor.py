@@ -1,0 +1,618 @@
+"""``Extractor``: a trained model run on new text with the user's own schema.
+
+::
+
+    from prouie_pl import Extractor
+
+    ex = Extractor.from_pretrained("outputs/demo/de/adapter")
+    doc = ex.extract("Ann Lee joined IBM in Oslo.", {"entities": ["person", "organization", "location"]})
+    doc.entities  # [EntityMention(text='Ann Lee', type='person', start=0, end=7), ...]
+
+How a document goes through it:
+
+1. it is cut into windows that fit ``max_input_tokens`` together with the longest of the tasks' prompts
+   (:mod:`prouie_pl.text_windows`); every task of the schema (NER for ``entities``, RE for ``relations``, EE
+   for ``events``) gets one prompt per window, built by :func:`prouie_pl.formats.build_prompt` and
+   :func:`prouie_pl.chat.chat_prompt_ids` exactly as in training;
+2. prompts of several documents are sorted by length and decoded greedily in batches
+   (:func:`prouie_pl.decoding.generate_greedy`, stopping on :func:`prouie_pl.chat.stop_token_ids`), optionally
+   under the schema constraint of :mod:`prouie_pl.constrained`;
+3. each answer is read by :func:`prouie_pl.parser.parse_output` (which never raises) and every span is placed
+   back at character offsets of the document (:mod:`prouie_pl.span_alignment`); a span that cannot be placed, or
+   a type the schema does not have, goes to ``unaligned`` with the reason;
+4. a document's results are merged over its windows, duplicates removed, and it is handed out as soon as it is
+   complete (documents come out in input order).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .chat import chat_prompt_ids, stop_token_ids
+from .extraction_schema import as_schema
+from .formats import build_prompt, check_format
+from .parser import parse_output
+from .schema import LabelSchema, Record
+from .span_alignment import SpanFinder
+from .text_windows import TextWindow, TokenCounter, fit_windows, pack_windows
+
+GROUP_BATCHES = 8  # prompts of this many batches are sorted by length together
+MIN_TEXT_TOKENS = 8
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class TextSpan:
+    """A piece of the document: ``document[start:end] == text``."""
+
+    text: str
+    start: int
+    end: int
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "start": self.start, "end": self.end}
+
+
+@dataclass(frozen=True)
+class EntityMention:
+    text: str
+    type: str
+    start: int
+    end: int
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "type": self.type, "start": self.start, "end": self.end}
+
+
+@dataclass(frozen=True)
+class RelationMention:
+    type: str
+    head: TextSpan
+    tail: TextSpan
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "head": self.head.to_json(), "tail": self.tail.to_json()}
+
+
+@dataclass(frozen=True)
+class ArgumentMention:
+    role: str
+    text: str
+    start: int
+    end: int
+
+    def to_json(self) -> dict:
+        return {"role": self.role, "text": self.text, "start": self.start, "end": self.end}
+
+
+@dataclass
+class EventMention:
+    type: str
+    trigger: TextSpan
+    arguments: list[ArgumentMention] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "trigger": self.trigger.to_json(), "arguments": [a.to_json() for a in self.arguments]}
+
+
+@dataclass(frozen=True)
+class UnalignedUnit:
+    """Something the model answered that has no place in the output lists, kept with the reason.
+
+    ``kind`` is ``entity``, ``relation``, ``event`` (its trigger could not be placed; its arguments come along as
+    ``(role, text)`` pairs), ``argument`` (of an event that was placed) or ``answer`` (a whole answer, with its
+    task as ``type``, should placing it ever fail); ``chunk`` is the window it came from.
+    """
+
+    kind: str
+    type: str
+    reason: str
+    chunk: int
+    text: str = ""
+    role: str = ""
+    head: str = ""
+    tail: str = ""
+    trigger: str = ""
+    arguments: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"kind": self.kind, "type": self.type}
+        for name in ("text", "role", "head", "tail", "trigger"):
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        if self.arguments:
+            out["arguments"] = [{"role": r, "text": t} for r, t in self.arguments]
+        out["reason"] = self.reason
+        out["chunk"] = self.chunk
+        return out
+
+
+@dataclass
+class ChunkOutput:
+    """One raw answer: which window and task, the model's text, whether it parsed cleanly, its length."""
+
+    chunk: int
+    task: str
+    start: int
+    end: int
+    output: str
+    parsed_ok: bool
+    truncated: bool
+    new_tokens: int
+
+
+@dataclass
+class DocumentExtraction:
+    """Everything found in one document (offsets are character offsets into the document)."""
+
+    id: str
+    entities: list[EntityMention] = field(default_factory=list)
+    relations: list[RelationMention] = field(default_factory=list)
+    events: list[EventMention] = field(default_factory=list)
+    unaligned: list[UnalignedUnit] = field(default_factory=list)
+    chunks: int = 0
+    outputs: list[ChunkOutput] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """The output line of ``python -m prouie_pl extract`` (raw answers are not part of it)."""
+        return {
+            "id": self.id,
+            "entities": [e.to_json() for e in self.entities],
+            "relations": [r.to_json() for r in self.relations],
+            "events": [e.to_json() for e in self.events],
+            "unaligned": [u.to_json() for u in self.unaligned],
+            "chunks": self.chunks,
+        }
+
+    @property
+    def parse_failures(self) -> int:
+        return sum(1 for o in self.outputs if not o.parsed_ok)
+
+
+# ------------------------------------------------------------------------------------------ per document
+
+
+@dataclass
+class _Job:
+    doc: "_Document"
+    chunk: int
+    task: str
+    schema: LabelSchema
+    window: TextWindow
+    prompt: list[int]
+
+
+class _Document:
+    """A document being extracted: its windows, the answers so far, and the merged results."""
+
+    def __init__(self, doc_id: str, text: str, windows: list[TextWindow]):
+        self.id = doc_id
+        self.text = text
+        self.windows = windows
+        self.pending = 0
+        self.entities: dict = {}
+        self.relations: dict = {}
+        self.events: dict = {}
+        self.unaligned: dict = {}
+        self.outputs: list[ChunkOutput] = []
+
+    def _lost(self, unit: UnalignedUnit) -> None:
+        self.unaligned.setdefault(json.dumps(unit.to_json(), sort_keys=True, ensure_ascii=False), unit)
+
+    def _span(self, window: TextWindow, local: tuple[int, int]) -> TextSpan:
+        a, b = window.start + local[0], window.start + local[1]
+        return TextSpan(self.text[a:b], a, b)
+
+    def add(self, job: _Job, output: str, truncated: bool, new_tokens: int) -> None:
+        parsed = parse_output(output, job.task, job.schema)
+        self.outputs.append(ChunkOutput(job.chunk, job.task, job.window.start, job.window.end, output, parsed.ok, truncated, new_tokens))
+        finder = SpanFinder(job.window.text)
+        units = parsed.units
+        try:
+            if job.task == "NER":
+                self._entities(job, finder, units)
+            elif job.task == "RE":
+                self._relations(job, finder, units)
+            else:
+                self._events(job, finder, units)
+        except Exception as exc:  # a bug here must not lose the run; the answer is kept for a person to read
+            self._lost(UnalignedUnit("answer", job.task, f"could not be placed ({type(exc).__name__}: {exc})", job.chunk, text=output))
+
+    def _entities(self, job: _Job, finder: SpanFinder, units) -> None:
+        mentions: Counter = Counter()
+        for u in units:
+            if u.kind != "entity":
+                continue
+            if not u.in_schema:
+                self._lost(UnalignedUnit("entity", u.label, "type not in the schema", job.chunk, text=u.text))
+                continue
+            k = mentions[u.text.strip()]
+            mentions[u.text.strip()] += 1
+            local = finder.nth(u.text, k)
+            if local is None:
+                self._lost(UnalignedUnit("entity", u.label, "not found in the text", job.chunk, text=u.text))
+                continue
+            s = self._span(job.window, local)
+            self.entities.setdefault((s.start, s.end, u.label), EntityMention(s.text, u.label, s.start, s.end))
+
+    def _relations(self, job: _Job, finder: SpanFinder, units) -> None:
+        for u in units:
+            if u.kind != "relation":
+                continue
+            if not u.in_schema:
+                self._lost(UnalignedUnit("relation", u.label, "type not in the schema", job.chunk, head=u.head, tail=u.tail))
+                continue
+            h, t = finder.pair(u.head, u.tail)
+            if h is None or t is None:
+                which = "head and tail" if h is None and t is None else "head" if h is None else "tail"
+                self._lost(UnalignedUnit("relation", u.label, f"{which} not found in the text", job.chunk, head=u.head, tail=u.tail))
+                continue
+            hs, ts = self._span(job.window, h), self._span(job.window, t)
+            self.relations.setdefault((u.label, hs.start, hs.end, ts.start, ts.end), RelationMention(u.label, hs, ts))
+
+    def _events(self, job: _Job, finder: SpanFinder, units) -> None:
+        by_event: dict[int, list] = {}
+        for u in units:
+            if u.kind in ("trigger", "argument"):
+                by_event.setdefault(u.event, []).append(u)
+        triggers: Counter = Counter()
+        for items in by_event.values():
+            trig = next((u for u in items if u.kind == "trigger"), None)
+            args = [u for u in items if u.kind == "argument"]
+            if trig is None:
+                continue
+            pairs = tuple((a.role, a.text) for a in args)
+            if not trig.in_schema:
+                self._lost(UnalignedUnit("event", trig.label, "type not in the schema", job.chunk, trigger=trig.text, arguments=pairs))
+                continue
+            k = triggers[trig.text.strip()]
+            triggers[trig.text.strip()] += 1
+            local = finder.nth(trig.text, k)
+            if local is None:
+                self._lost(UnalignedUnit("event", trig.label, "trigger not found in the text", job.chunk, trigger=trig.text, arguments=pairs))
+                continue
+            ts = self._span(job.window, local)
+            event = self.events.setdefault((trig.label, ts.start, ts.end), EventMention(trig.label, ts, []))
+            have = {(a.role, a.start, a.end) for a in event.arguments}
+            for a in args:
+                if not a.in_schema:
+                    self._lost(UnalignedUnit("argument", trig.label, "role not in the schema", job.chunk, text=a.text, role=a.role, trigger=trig.text))
+                    continue
+                spot = finder.nearest(a.text, local)
+                if spot is None:
+                    self._lost(UnalignedUnit("argument", trig.label, "not found in the text", job.chunk, text=a.text, role=a.role, trigger=trig.text))
+                    continue
+                s = self._span(job.window, spot)
+                if (a.role, s.start, s.end) not in have:
+                    have.add((a.role, s.start, s.end))
+                    event.arguments.append(ArgumentMention(a.role, s.text, s.start, s.end))
+
+    def result(self) -> DocumentExtraction:
+        events = sorted(self.events.values(), key=lambda e: (e.trigger.start, e.trigger.end, e.type))
+        for e in events:
+            e.arguments.sort(key=lambda a: (a.start, a.end, a.role))
+        return DocumentExtraction(
+            id=self.id,
+            entities=sorted(self.entities.values(), key=lambda e: (e.start, e.end, e.type)),
+            relations=sorted(self.relations.values(), key=lambda r: (r.head.start, r.tail.start, r.type, r.head.end, r.tail.end)),
+            events=events,
+            unaligned=list(self.unaligned.values()),
+            chunks=len(self.windows),
+            outputs=sorted(self.outputs, key=lambda o: (o.chunk, o.task)),
+        )
+
+
+# ------------------------------------------------------------------------------------------ the extractor
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``auto`` -> the first GPU when there is one, else the CPU; anything else as ``torch.device`` reads it."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for a GPU but torch sees none; use --device cpu")
+    return dev
+
+
+class Extractor:
+    """A causal LM and its tokenizer, run on documents with a schema.
+
+    Args:
+        model: a loaded causal LM (a ``PeftModel`` or a plain model), in eval mode.
+        tokenizer: its tokenizer.
+        max_input_tokens: cap on prompt tokens (instruction, schema and text) per window.
+        max_new_tokens: cap on answer tokens per window.
+        batch_size: prompts decoded together.
+        constrained: decode under the schema constraint (concise format only; see :mod:`prouie_pl.constrained`).
+        target_format: the answer format the model was trained to write, ``concise`` (SA, DE) or ``full`` (CM).
+    """
+
+    def __init__(self, model, tokenizer, *, max_input_tokens: int = 512, max_new_tokens: int = 256, batch_size: int = 16,
+                 constrained: bool = False, target_format: str = "concise"):
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, not {batch_size}")
+        if max_new_tokens < 8:
+            raise ValueError(f"--max_new_tokens must be at least 8, not {max_new_tokens}")
+        check_format(target_format, "--format")
+        if constrained and target_format != "concise":
+            raise ValueError("--constrained writes the concise format; use it with --format concise (an SA or DE model)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_input_tokens = max_input_tokens
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.constrained = constrained
+        self.format = target_format
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # -------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, base: Optional[str] = None, device: Union[str, torch.device, None] = "auto",
+                        quantization: str = "none", dtype: str = "auto", **options) -> "Extractor":
+        """Load ``model``: a stage's ``adapter/`` folder (its base from ``adapter_config.json``, or ``base``), a
+        merged ``export`` folder, or an embedded model name (``tiny``, ``gemma-3-270m``).  ``options`` go to
+        :class:`Extractor`."""
+        from .modeling import BaseModelSettings, load_model, load_tokenizer
+
+        dev = resolve_device(device)
+        if dtype == "auto":
+            dtype = "bfloat16" if dev.type == "cuda" else "float32"
+        if quantization not in ("none", "nf4"):
+            raise ValueError(f"--quantization must be none or nf4, not {quantization!r}")
+        path = Path(model)
+        load_on = dev if (dev.type == "cuda" or quantization == "nf4") else None
+        if (path / "adapter_config.json").is_file():
+            base_name = base or adapter_base(path)
+            settings = BaseModelSettings(name_or_path=base_name, quantization=quantization, dtype=dtype)
+            lm = _load(lambda: load_model(settings, None, load_on), f"base model {base_name!r} of adapter {path}", "--base")
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, str(path))
+            if quantization == "none":
+                lm = lm.merge_and_unload()  # plain weights decode faster; a 4-bit base keeps the adapter apart
+            tok_src = str(path) if (path / "tokenizer_config.json").is_file() else base_name
+        else:
+            if path.is_dir() and not (path / "config.json").is_file():
+                raise ValueError(f"--model {model}: a folder with neither adapter_config.json (a stage's adapter/) nor config.json (an exported model)")
+            if not path.exists() and _looks_local(model):
+                raise ValueError(f"--model {model} does not exist (give a stage's adapter/ folder, an exported model folder, "
+                                 "or an embedded model name such as tiny)")
+            settings = BaseModelSettings(name_or_path=model, quantization=quantization, dtype=dtype)
+            lm = _load(lambda: load_model(settings, None, load_on), f"model {model!r}", "--model")
+            tok_src = model
+        lm.eval()
+        tokenizer = load_tokenizer(tok_src)
+        return cls(lm, tokenizer, **options)
+
+    # -------------------------------------------------------------- windows and prompts
+
+    def prompt_ids(self, text: str, task: str, schema: LabelSchema) -> list[int]:
+        """The chat-formatted prompt of one window for one task, as the model was trained on it."""
+        record = Record(sentence=text, task=task, dataset="", schema=schema)
+        return chat_prompt_ids(self.tokenizer, build_prompt(record, self.format, schema))
+
+    def _text_budget(self, schemas: dict[str, LabelSchema]) -> int:
+        overhead = {task: len(self.prompt_ids("", task, s)) for task, s in schemas.items()}
+        task, worst = max(overhead.items(), key=lambda kv: kv[1])
+        budget = self.max_input_tokens - worst
+        if budget < MIN_TEXT_TOKENS:
+            raise ValueError(f"--max_input_tokens {self.max_input_tokens} leaves no room for text: the {task} prompt alone takes "
+                             f"{worst} tokens; raise --max_input_tokens to at least {worst + 64}")
+        return budget
+
+    def windows(self, text: str, schema: Any) -> list[TextWindow]:
+        """The windows ``text`` is read in with this schema (what the ``chunks`` count of a result counts)."""
+        schemas = as_schema(schema).label_schemas()
+        return self._windows(text, schemas, self._text_budget(schemas), {})
+
+    def _windows(self, text: str, schemas: dict[str, LabelSchema], budget: int, prompts: dict) -> list[TextWindow]:
+        if not text.strip():
+            return []
+        packed = pack_windows(text, budget, TokenCounter(self.tokenizer, text))
+
+        def fits(w: TextWindow) -> bool:
+            ok = True
+            for task, s in schemas.items():
+                ids = prompts.get((w.start, w.end, task))
+                if ids is None:
+                    ids = prompts[(w.start, w.end, task)] = self.prompt_ids(w.text, task, s)
+                ok = ok and len(ids) <= self.max_input_tokens
+            return ok
+
+        return fit_windows(text, packed, fits)
+
+    # -------------------------------------------------------------- extraction
+
+    def extract(self, texts: Union[str, Sequence[str]], schema: Any, ids: Optional[Sequence[str]] = None,
+                progress: bool = False) -> Union[DocumentExtraction, list[DocumentExtraction]]:
+        """Extract from one text (returns one result) or a list of texts (returns a list, in the same order).
+
+        ``schema``: an :class:`~prouie_pl.extraction_schema.ExtractionSchema`, a mapping such as
+        ``{"entities": [...], "relations": [...], "events": {type: [roles]}}``, or the path of a YAML/JSON file.
+        """
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        names = [str(i) for i in (ids if ids is not None else range(len(items)))]
+        if len(names) != len(items):
+            raise ValueError(f"{len(names)} ids for {len(items)} texts")
+        results = list(self.iter_extract(zip(names, items), schema, total=len(items), progress=progress))
+        return results[0] if single else results
+
+    def iter_extract(self, documents: Iterable[tuple[str, str]], schema: Any, total: Optional[int] = None,
+                     progress: bool = False) -> Iterator[DocumentExtraction]:
+        """Results of ``(id, text)`` documents, each handed out as soon as it (and every document before it) is done."""
+        schemas = as_schema(schema).label_schemas()
+        budget = self._text_budget(schemas)
+        with _progress(progress, total) as bar:
+            group: list[tuple[_Document, list[_Job]]] = []
+            n_jobs = 0
+            for doc_id, text in documents:
+                doc, jobs = self._prepare(str(doc_id), text, schemas, budget)
+                group.append((doc, jobs))
+                n_jobs += len(jobs)
+                if n_jobs >= self.batch_size * GROUP_BATCHES:
+                    yield from self._run_group(group, bar)
+                    group, n_jobs = [], 0
+            if group:
+                yield from self._run_group(group, bar)
+
+    def _prepare(self, doc_id: str, text: str, schemas: dict[str, LabelSchema], budget: int) -> tuple[_Document, list[_Job]]:
+        prompts: dict = {}
+        windows = self._windows(text, schemas, budget, prompts)
+        doc = _Document(doc_id, text, windows)
+        jobs = []
+        for i, w in enumerate(windows):
+            for task, s in schemas.items():
+                ids = prompts.get((w.start, w.end, task)) or self.prompt_ids(w.text, task, s)
+                jobs.append(_Job(doc, i, task, s, w, ids))
+        doc.pending = len(jobs)
+        return doc, jobs
+
+    def _run_group(self, group: list, bar) -> Iterator[DocumentExtraction]:
+        jobs = sorted((j for _, js in group for j in js), key=lambda j: -len(j.prompt))
+        order = [doc for doc, _ in group]
+        emitted = 0
+
+        def ready() -> Iterator[DocumentExtraction]:
+            nonlocal emitted
+            while emitted < len(order) and order[emitted].pending == 0:
+                bar.advance()
+                yield order[emitted].result()
+                emitted += 1
+
+        yield from ready()
+        for b in range(0, len(jobs), self.batch_size):
+            batch = jobs[b:b + self.batch_size]
+            out = self._decode(batch)
+            for job, text, cut, n in zip(batch, out.texts, out.truncated, out.new_tokens):
+                job.doc.add(job, text, cut, n)
+                job.doc.pending -= 1
+            yield from ready()
+
+    def _decode(self, batch: list[_Job]):
+        from .datamodules.batching import collate_prompts
+        from .decoding import generate_greedy
+
+        padded = collate_prompts(self.tokenizer.pad_token_id)([(None, j.prompt) for j in batch])
+        device = _model_device(self.model)
+        rows = [(j.task, j.schema, j.window.text) for j in batch] if self.constrained else None
+        return generate_greedy(self.model, self.tokenizer, padded["input_ids"].to(device), padded["attention_mask"].to(device),
+                               self.max_new_tokens, self.stop_ids, constraint_rows=rows)
+
+
+def _looks_local(name: str) -> bool:
+    """A name meant as a local path (not a hub id): absolute, relative to ``.`` or ``~``, or under an existing folder."""
+    if name.startswith(("/", ".", "~")) or "\\" in name:
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and Path(first).is_dir()
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _load(fn, what: str, flag: str):
+    """Run a loader; a missing or unreadable model becomes one line naming it and the flag to change."""
+    try:
+        return fn()
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load the {what}: {first}; check {flag}") from None
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model an adapter was trained on: ``adapter_config.json``'s ``base_model_name_or_path``; when that
+    is a folder that no longer exists, the ``model.base.name_or_path`` of the stage's ``training_config.yaml``
+    (with a warning, since an embedded model rebuilt since then may differ)."""
+    import warnings
+
+    cfg_path = folder / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{cfg_path}: not readable JSON ({exc}); pass --base NAME_OR_PATH") from None
+    name = cfg.get("base_model_name_or_path") or ""
+    if name and (Path(name).is_dir() or not _looks_local(name)):
+        return name  # a folder, an embedded model name or a hub id
+    trained = _training_config_base(folder)
+    if trained:
+        warnings.warn(f"{cfg_path} names the base {name!r}, which is not here; using {trained!r} from "
+                      f"{folder / 'training_config.yaml'} (pass --base to choose another)", stacklevel=2)
+        return trained
+    if name:
+        raise ValueError(f"{cfg_path}: the base model {name!r} does not exist; pass --base NAME_OR_PATH")
+    raise ValueError(f"{cfg_path} names no base model; pass --base NAME_OR_PATH")
+
+
+def _training_config_base(folder: Path) -> Optional[str]:
+    import yaml
+
+    p = folder / "training_config.yaml"
+    if not p.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        return cfg["model"]["init_args"]["base"]["name_or_path"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+class _NoBar:
+    def advance(self) -> None:
+        pass
+
+
+class _progress:
+    """A rich progress bar on standard error (documents done, documents per second), or nothing."""
+
+    def __init__(self, enabled: bool, total: Optional[int]):
+        self.enabled = enabled
+        self.total = total
+
+    def __enter__(self):
+        if not self.enabled:
+            return _NoBar()
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        class DocsPerSecond(ProgressColumn):
+            def render(self, task) -> Text:
+                elapsed = task.elapsed or 0.0
+                return Text(f"{task.completed / elapsed:.2f} docs/s" if elapsed > 0 and task.completed else "-- docs/s")
+
+        self._progress = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), DocsPerSecond(), TimeElapsedColumn(),
+                                  console=Console(stderr=True))
+        self._progress.start()
+        task = self._progress.add_task("extract", total=self.total)
+        progress = self._progress
+
+        class Bar:
+            def advance(self) -> None:
+                progress.advance(task)
+
+        return Bar()
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._progress.stop()
