@@ -41,6 +41,9 @@ except Exception as exc:  # pragma: no cover - exercised in a subprocess test th
         def __getattr__(self, name: str) -> "_TritonUnavailable":
             return self
 
+        def __call__(self, *args, **kwargs) -> "_TritonUnavailable":  # module-level tl.constexpr(...) values
+            return self
+
     tl = _TritonUnavailable()
 
 __all__ = [
