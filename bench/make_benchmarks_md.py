@@ -15,6 +15,15 @@ import sys
 from _common import REPO, RESULTS
 
 SECTIONS = [
+    ("real_model_learning", "Gemma 3 270M: SFT from the base on real data", "python bench/real_model_learning.py", """\
+One LoRA SFT run of the real pretrained base on a stratified sample of CoNLL2003, CoNLL2004 and PHEE training
+sentences, then strict test F1 per data set with 95% bootstrap intervals over the test sentences, all on the
+2-core CPU. Needs the gemma extra and the real data."""),
+    ("real_model_steps", "Gemma 3 270M: SFT, generation and GRPO steps on the CPU", "python bench/real_model_steps.py", """\
+Where a step spends its time with the real 262k-vocabulary model, for a float32 and a bf16 frozen base (LoRA in
+float32): SFT split into decoder forward, the chunked answer-only LM head and backward; greedy generation
+tokens/s at batch 1, 8 and 32; a GRPO step by the module's timers. Each dtype runs in its own process, so peak
+RSS is that configuration's."""),
     ("compare_trl", "ProUIE-PL against TRL on the same work", "python bench/compare_trl.py", """\
 SFT: non-padding tokens per second of ProUIE-PL's `SFTModule` and TRL's `SFTTrainer` on the same token ids, labels,
 tiny model, LoRA, batch size, learning rate and step count. GRPO: completions and completion tokens per second of
