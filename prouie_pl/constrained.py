@@ -223,16 +223,10 @@ class Grammar:
                     shared_value = self._node()
                     (self._ner_value if task == "NER" else self._re_value)(shared_value)
                 value = shared_value
-            node = key_root
-            for byte in _escaped(label):
-                hit = self.trans[node].get(byte)
-                if hit is None:
-                    nxt = self._node()
-                    self._edge(node, byte, nxt)
-                else:
-                    nxt = hit[0]
+            path = self._trie_path(key_root, _escaped(label))
+            for nxt in path:
                 self.key_mask[nxt] |= 1 << k
-                node = nxt
+            node = path[-1] if path else key_root
             colon = self._node()
             self._edge(node, ord('"'), colon, key=k)
             self._chain(colon, b": ", value)
@@ -250,6 +244,20 @@ class Grammar:
         if byte in self.trans[a] and self.trans[a][byte] != (b, key):
             raise ValueError(f"ambiguous concise-format automaton at byte {chr(byte)!r}")
         self.trans[a][byte] = (b, key)
+
+    def _trie_path(self, node: int, data: bytes) -> list[int]:
+        """The nodes spelling ``data`` from ``node``, sharing existing edges and adding the missing ones."""
+        path = []
+        for byte in data:
+            hit = self.trans[node].get(byte)
+            if hit is None:
+                nxt = self._node()
+                self._edge(node, byte, nxt)
+            else:
+                nxt = hit[0]
+            path.append(nxt)
+            node = nxt
+        return path
 
     def _chain(self, a: int, data: bytes, end: Optional[int] = None) -> int:
         """Nodes spelling ``data`` from ``a``; the last byte leads to ``end`` (a new node when None)."""
@@ -298,16 +306,8 @@ class Grammar:
             arg_end = self._node()
             arg = self._span(ARG, arg_end)
             for role in dict.fromkeys(roles):
-                node = role_root
-                for byte in _escaped(role):
-                    hit = self.trans[node].get(byte)
-                    if hit is None:
-                        nxt = self._node()
-                        self._edge(node, byte, nxt)
-                    else:
-                        nxt = hit[0]
-                    node = nxt
-                self._chain(node, b": ", arg)
+                path = self._trie_path(role_root, _escaped(role))
+                self._chain(path[-1] if path else role_root, b": ", arg)
             self._chain(arg_end, b"; ", role_root)
             self._edge(arg_end, ord('"'), after_close)
         return trigger
