@@ -8,6 +8,8 @@ from pools shared by all splits, but the combinations differ, so test sentences 
 
 What the data is for: showing the three-stage pipeline end to end on a CPU in minutes.  What it is not:
 a benchmark.  Its sentences are far more regular than real text, so its scores say nothing about real data.
+For real sentences, ``real/`` beside it holds small seeded subsets of three public benchmarks whose licences
+allow redistribution (:mod:`prouie_pl.demo_data.real`, ``data_dir: demo_real``).
 """
 
 from __future__ import annotations
@@ -174,15 +176,28 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, sizes: dict[str, int
         (folder / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
         for split in ("train", "dev", "test"):
             rng = random.Random(f"{seed}/{rel}/{split}")
-            records = [make(rng) for _ in range(sizes[split])]
-            lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
-            (folder / f"{split}.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+            write_json_array(folder / f"{split}.json", [make(rng) for _ in range(sizes[split])])
     return out
+
+
+def write_json_array(path: str | Path, records: list[dict], separators: tuple[str, str] | None = None) -> None:
+    """Write ``records`` as a JSON array with one record per line, so a diff of two versions shows records."""
+    lines = ",\n".join(json.dumps(r, ensure_ascii=False, separators=separators) for r in records)
+    Path(path).write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
 def demo_data_dir() -> Path:
     """Folder of the shipped demo data (inside the installed package)."""
     return Path(__file__).resolve().parent
+
+
+def real_demo_data_dir() -> Path:
+    """Folder of the shipped real demo data: subsets of public benchmarks (:mod:`prouie_pl.demo_data.real`)."""
+    return demo_data_dir() / "real"
+
+
+#: ``data_dir`` names of the embedded data: ``demo`` (synthetic) and ``demo_real`` (subsets of real benchmarks).
+DATA_DIR_ALIASES: dict[str, Callable[[], Path]] = {"demo": demo_data_dir, "demo_real": real_demo_data_dir}
 
 
 def demo_data_files() -> list[Path]:
