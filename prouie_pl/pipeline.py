@@ -4,7 +4,9 @@ Each stage is an ordinary ``fit`` config (the same YAML ``python -m prouie_pl fi
 ``default_root_dir`` set to ``DIR/<stage>`` and, for SA and DE, ``model.lora.init_adapter`` set to the
 adapter the previous stage handed on (``adapter: best`` picks the best-by-``val/f1`` one, ``last`` the final
 one).  After each stage the test split is decoded and scored into ``DIR/<stage>/{predictions.jsonl,
-report.json}``, and ``DIR/<stage>/stage.json`` records what was run, from which adapter, and the result.
+report.json}``, and ``DIR/<stage>/stage.json`` records what was run, from which adapter, what it cost (wall
+seconds, optimizer steps, training tokens, GRPO completions sampled), the result, blank answers and example
+predictions.  With ``zero_shot: true`` the base model is scored first, in ``DIR/zero_shot/``.
 
 A stage with a ``stage.json`` is skipped on a later run; ``--restart_from STAGE`` deletes that stage and the
 ones after it and runs them again; a stage interrupted mid-way resumes from ``DIR/<stage>/checkpoints/last.ckpt``.
@@ -18,9 +20,12 @@ The pipeline YAML::
       de: de.yaml
     overrides:              # optional: dotted fit options applied to every stage
       data.data_dir: demo
-    stage_overrides:        # optional: per stage
+    stage_overrides:        # optional: per stage (zero_shot: for the zero-shot decode, else the first stage's)
       de: {trainer.max_steps: 20}
     adapter: best           # best | last
+    zero_shot: true         # optional: score the base model before any training (prompts of the first stage)
+    test_dtype: float32     # optional: same | float32 -- decode the test split with the frozen base cast to
+                            # float32 (a bf16 base trains faster on some CPUs but decodes slower there)
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Optional, Sequence
 import yaml
 
 STAGES = ("cm", "sa", "de")
+ZERO_SHOT = "zero_shot"
 DONE = "stage.json"
 
 
@@ -64,19 +70,29 @@ def load_pipeline_config(path: str) -> dict:
         names = ", ".join(n for n in embedded_configs() if n.endswith("pipeline.yaml") or "pipeline_" in n)
         raise FileNotFoundError(f"pipeline config {path!r} is neither a file nor a shipped config (shipped: {names})")
     cfg = yaml.safe_load(p.read_text()) or {}
-    unknown = set(cfg) - {"stages", "overrides", "stage_overrides", "adapter"}
+    keys = {"stages", "overrides", "stage_overrides", "adapter", "zero_shot", "test_dtype"}
+    unknown = set(cfg) - keys
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a pipeline config has stages, overrides, stage_overrides, adapter")
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a pipeline config has {', '.join(sorted(keys))}")
     stages = cfg.get("stages") or {}
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"{path}: 'stages' must map some of {', '.join(STAGES)} to fit configs (got {sorted(stages) or 'nothing'})")
     if cfg.get("adapter", "best") not in ("best", "last"):
         raise ValueError(f"{path}: 'adapter' must be best or last, not {cfg.get('adapter')!r}")
+    bad = sorted(set(cfg.get("stage_overrides") or {}) - set(STAGES) - {ZERO_SHOT})
+    if bad:
+        raise ValueError(f"{path}: stage_overrides for unknown stages {bad} (stages: {', '.join(STAGES)}, {ZERO_SHOT})")
+    if not isinstance(cfg.get("zero_shot", False), bool):
+        raise ValueError(f"{path}: 'zero_shot' must be true or false, not {cfg.get('zero_shot')!r}")
+    if cfg.get("test_dtype", "same") not in ("same", "float32"):
+        raise ValueError(f"{path}: 'test_dtype' must be same or float32, not {cfg.get('test_dtype')!r}")
     cfg["stages"] = {s: _resolve(stages[s], p.parent) for s in STAGES if s in stages}
     cfg.setdefault("overrides", {})
     cfg.setdefault("stage_overrides", {})
     cfg.setdefault("adapter", "best")
+    cfg.setdefault("zero_shot", False)
+    cfg.setdefault("test_dtype", "same")
     return cfg
 
 
@@ -87,8 +103,81 @@ def _override_args(overrides: dict) -> list[str]:
     return args
 
 
-def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optional[str], overrides: dict, choose: str) -> dict:
+def _test_decode(cli, test_dtype: str) -> float:
+    """Decode and score the test split; return the seconds it took."""
+    import lightning as L
+    import torch
+
+    from .modeling import cast_frozen_base
+
+    class CastBase(L.Callback):  # the model is built in ``setup``, so cast once it exists
+        def on_test_start(self, trainer, pl_module):
+            cast_frozen_base(pl_module.model, torch.float32)
+
+    if test_dtype == "float32":
+        cli.trainer.callbacks.append(CastBase())
+    t0 = time.perf_counter()
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    return round(time.perf_counter() - t0, 1)
+
+
+def answer_summary(stage_dir: Path, records, per_task: int = 2) -> dict:
+    """Blank and structure-less answers on the test split, and ``per_task`` example predictions per task.
+
+    The examples are the same sentences at every stage (the lowest record indices of each task's first data
+    set), so a reader can follow one sentence through the stages."""
+    from .formats import render_target
+    from .parser import parse_output
+
+    by_uid = {r.uid: r for r in records}
+    blank = no_units = 0
+    examples: dict[str, list] = {}
+    path = stage_dir / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
+    for row in rows:
+        rec = by_uid.get((row["task"], row["dataset"], row["index"]))
+        out = row.get("output") or ""
+        if not out.strip():
+            blank += 1
+        elif rec is not None and not parse_output(out, rec.task, rec.schema).units:
+            no_units += 1
+    for row in sorted(rows, key=lambda r: (r["task"], r["dataset"], r["index"])):
+        rec = by_uid.get((row["task"], row["dataset"], row["index"]))
+        items = examples.setdefault(row["task"], [])
+        if rec is None or len(items) >= per_task or (items and items[0]["dataset"] != rec.dataset):
+            continue
+        items.append({"dataset": rec.dataset, "index": rec.index, "sentence": rec.sentence,
+                      "gold": render_target(rec, "concise"), "prediction": row.get("output") or ""})
+    return {"answers": len(rows), "blank_answers": blank, "answers_without_structures": no_units, "examples": examples}
+
+
+def _finish(stage: str, stage_dir: Path, cli, info: dict, t0: float) -> dict:
+    report = json.loads((stage_dir / "report.json").read_text())
+    info.update(answer_summary(stage_dir, cli.datamodule.test_records))
+    info["test_overall_f1"] = report.get("overall_f1")
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    (stage_dir / DONE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype: str) -> dict:
+    """The base model before any training (a fresh LoRA adapter is the identity), same prompts as ``config_path``."""
+    from .lightning_cli import build_cli
+
+    t0 = time.perf_counter()
+    args = ["--config", config_path, "--trainer.default_root_dir", str(stage_dir)] + _override_args(overrides)
+    args += ["--model.init_args.lora.init_adapter", "null"]
+    cli = build_cli(args, run=False)
+    info = {"stage": ZERO_SHOT, "config": config_path, "overrides": overrides, "init_adapter": None,
+            "cost": {"seconds": 0.0, "steps": 0, "tokens": 0, "answer_tokens": 0, "completions": 0}}
+    info["test_seconds"] = _test_decode(cli, test_dtype)
+    return _finish(ZERO_SHOT, stage_dir, cli, info, t0)
+
+
+def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optional[str], overrides: dict, choose: str,
+              test_dtype: str = "same") -> dict:
     """Fit one stage (resuming if a checkpoint is there), pick its adapter, decode and score the test split."""
+    from .callbacks import StageCost
     from .lightning_cli import build_cli
 
     t0 = time.perf_counter()
@@ -96,6 +185,10 @@ def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optio
     if init_adapter:
         args += ["--model.init_args.lora.init_adapter", init_adapter]
     cli = build_cli(args, run=False)
+    cost = next((c for c in cli.trainer.callbacks if isinstance(c, StageCost)), None)
+    if cost is None:
+        cost = StageCost()
+        cli.trainer.callbacks.append(cost)
     last = stage_dir / "checkpoints" / "last.ckpt"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
     if cli.trainer.interrupted:
@@ -103,8 +196,6 @@ def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optio
     best = stage_dir / "adapter_best"
     chosen = best if choose == "best" and best.is_dir() else stage_dir / "adapter"
     cli.model.load_adapter_weights(str(chosen))
-    cli.trainer.test(cli.model, datamodule=cli.datamodule)
-    report = json.loads((stage_dir / "report.json").read_text())
     info = {
         "stage": stage,
         "config": config_path,
@@ -113,15 +204,14 @@ def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optio
         "init_adapter_checksum": adapter_checksum(Path(init_adapter)) if init_adapter else None,
         "adapter": str(chosen),
         "adapter_checksum": adapter_checksum(chosen),
-        "test_overall_f1": report.get("overall_f1"),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "cost": cost.summary(),
     }
-    (stage_dir / DONE).write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    info["test_seconds"] = _test_decode(cli, test_dtype)
+    return _finish(stage, stage_dir, cli, info, t0)
 
 
 def run_pipeline(config: str, out_dir: str, restart_from: Optional[str] = None, extra: Optional[dict] = None) -> dict:
-    from .reports import load_reports, make_plots, print_summary, write_markdown
+    from .reports import make_plots, print_summary, write_markdown
 
     cfg = load_pipeline_config(config)
     out = Path(out_dir)
@@ -132,8 +222,18 @@ def run_pipeline(config: str, out_dir: str, restart_from: Optional[str] = None, 
             raise ValueError(f"--restart_from {restart_from!r} is not a stage of {config} ({', '.join(stages)})")
         for s in stages[stages.index(restart_from):]:
             shutil.rmtree(out / s, ignore_errors=True)
-    prev_adapter: Optional[str] = None
     infos = {}
+    if cfg["zero_shot"]:
+        done = out / ZERO_SHOT / DONE
+        if done.is_file():
+            infos[ZERO_SHOT] = json.loads(done.read_text())
+            print(f"[prouie] pipeline: zero-shot already scored in {out / ZERO_SHOT}, skipped")
+        else:
+            print(f"[prouie] pipeline: scoring the base model zero-shot in {out / ZERO_SHOT}")
+            own = cfg["stage_overrides"].get(ZERO_SHOT, cfg["stage_overrides"].get(stages[0], {}))
+            overrides = {**cfg["overrides"], **(extra or {}), **own}
+            infos[ZERO_SHOT] = run_zero_shot(cfg["stages"][stages[0]], out / ZERO_SHOT, overrides, cfg["test_dtype"])
+    prev_adapter: Optional[str] = None
     for s in stages:
         stage_dir = out / s
         done = stage_dir / DONE
@@ -143,13 +243,13 @@ def run_pipeline(config: str, out_dir: str, restart_from: Optional[str] = None, 
         else:
             overrides = {**cfg["overrides"], **(extra or {}), **cfg["stage_overrides"].get(s, {})}
             print(f"[prouie] pipeline: running {s} in {stage_dir}" + (f" from {prev_adapter}" if prev_adapter else ""))
-            infos[s] = run_stage(s, cfg["stages"][s], stage_dir, prev_adapter, overrides, cfg["adapter"])
+            infos[s] = run_stage(s, cfg["stages"][s], stage_dir, prev_adapter, overrides, cfg["adapter"], cfg["test_dtype"])
         prev_adapter = infos[s]["adapter"]
-    reports = load_reports(out, stages)
-    plots = make_plots(out, reports, stages)
-    write_markdown(out, reports, plots, {s: i.get("seconds", 0.0) for s, i in infos.items()})
+    reports = {s: json.loads((out / s / "report.json").read_text()) for s in infos}
+    plots = make_plots(out, reports, stages, infos)
+    write_markdown(out, reports, plots, infos)
     (out / "pipeline.json").write_text(json.dumps({"config": config, "stages": infos}, indent=2) + "\n")
-    print_summary(reports)
+    print_summary(reports, infos)
     print(f"[prouie] pipeline report: {out / 'report.md'}")
     return infos
 

@@ -33,6 +33,8 @@ def _pipeline_config(tmp_path: Path, model_dir: Path) -> Path:
                    "model.init_args.beta": 0.1},  # rewards of an untrained model are all equal; the KL term still moves it
         },
         "adapter": "last",
+        "zero_shot": True,
+        "test_dtype": "float32",
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -57,19 +59,36 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
         assert {"task", "dataset", "index", "output"} <= set(json.loads(lines[0]))
         report = json.loads((d / "report.json").read_text())
         assert report["n"] == 9 and "overall_f1" in report
-    for name in ("report.md", "pipeline.json", "f1_by_stage.png", "training_loss.png", "grpo_reward.png"):
+    zs = json.loads((out / "zero_shot" / "stage.json").read_text())
+    assert zs["stage"] == "zero_shot" and zs["init_adapter"] is None and zs["answers"] == 9
+    assert zs["cost"]["steps"] == 0 and zs["test_seconds"] > 0
+    for name in ("report.md", "pipeline.json", "f1_by_stage.png", "training_loss.png", "grpo_reward.png", "f1_vs_compute.png"):
         assert (out / name).is_file(), name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     md = (out / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| metric"))
-    assert header.count("|") == 6  # metric, data set and one column per stage
+    assert header.split("|")[3:7] == [" zero-shot ", " CM ", " CM+SA ", " CM+SA+DE "]  # zero-shot, then one column per stage
     for ds in ("DemoNER", "DemoRE", "DemoEE"):
         assert any(line.startswith("| ") and f"| {ds} |" in line for line in md.splitlines()), ds
-    for png in ("f1_by_stage.png", "training_loss.png", "grpo_reward.png"):
+    for png in ("f1_by_stage.png", "training_loss.png", "grpo_reward.png", "f1_vs_compute.png"):
         assert f"({png})" in md
 
     info = {s: json.loads((out / s / "stage.json").read_text()) for s in ("cm", "sa", "de")}
+    # what each stage cost: SFT stages count steps and tokens, GRPO counts completions (2 steps x 2 prompts x G)
+    g = yaml.safe_load((REPO / "configs" / "tiny" / "de.yaml").read_text())["model"]["init_args"]["rollout"]["num_generations"]
+    assert info["cm"]["cost"]["steps"] > 0 and info["cm"]["cost"]["tokens"] > info["cm"]["cost"]["answer_tokens"] > 0
+    assert info["sa"]["cost"]["steps"] > 0 and info["sa"]["cost"]["tokens"] > 0 and info["sa"]["cost"]["completions"] == 0
+    assert info["de"]["cost"]["steps"] == 2 and info["de"]["cost"]["completions"] == 2 * 2 * g and info["de"]["cost"]["tokens"] == 0
+    cost_rows = {line.split("|")[1].strip(): line.split("|") for line in md.split("## What each stage cost")[1].split("##")[0].splitlines() if line.startswith("| ")}
+    assert set(cost_rows) >= {"zero-shot", "CM", "CM+SA", "CM+SA+DE"}
+    assert cost_rows["CM"][3].strip() == str(info["cm"]["cost"]["steps"])
+    assert cost_rows["CM+SA+DE"][5].strip() == str(2 * 2 * g)
+    # two example predictions per task, the same sentences at every stage, with a row per stage
+    for task in ("NER", "RE", "EE"):
+        ex = [s_info["examples"][task] for s_info in [zs, *info.values()]]
+        assert all(len(e) == 2 for e in ex) and len({tuple(x["index"] for x in e) for e in ex}) == 1
+    assert md.count("| gold |") == 6
     assert info["cm"]["init_adapter"] is None
     # SA started from CM's adapter and DE from SA's: the checksums of what each stage loaded match
     assert info["sa"]["init_adapter"] == info["cm"]["adapter"]
