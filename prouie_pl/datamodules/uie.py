@@ -23,6 +23,7 @@ from typing import Literal, Optional, Union
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..demo_data import DATA_DIR_ALIASES
 from ..formats import check_format, example
 from ..reader import DataError, LoadReport, load_records
 from ..schema import Record
@@ -43,14 +44,14 @@ STAGE_FORMAT = {"cm": "full", "sa": "concise", "de": "concise"}
 
 
 def resolve_data_dir(data_dir: str) -> Path:
-    """``demo`` names the embedded demo data; anything else is a path."""
-    if data_dir == "demo":
-        from ..demo_data import demo_data_dir
-
-        return demo_data_dir()
+    """``demo`` (synthetic) and ``demo_real`` (subsets of public benchmarks) name the embedded data; anything else is a path."""
+    if data_dir in DATA_DIR_ALIASES:
+        return DATA_DIR_ALIASES[data_dir]()
     path = Path(data_dir).expanduser()
     if not path.is_dir():
-        raise DataError(f"data.data_dir {data_dir!r} does not exist or is not a folder (expected ROOT/{{NER,RE,EE}}/<Dataset>/)")
+        names = " or ".join(DATA_DIR_ALIASES)
+        raise DataError(f"data.data_dir {data_dir!r} does not exist or is not a folder (expected ROOT/{{NER,RE,EE}}/<Dataset>/, "
+                        f"or {names} for the embedded data)")
     return path
 
 
@@ -58,7 +59,8 @@ class UIEDataModule(L.LightningDataModule):
     """Data for the CM, SA and DE stages.
 
     Args:
-        data_dir: root of the IE INSTRUCTIONS layout, or ``demo`` for the embedded demo data.
+        data_dir: root of the IE INSTRUCTIONS layout, ``demo`` for the embedded synthetic demo data, or ``demo_real``
+            for the embedded subsets of three public benchmarks (``prouie_pl/demo_data/real/LICENSES.md``).
         stage: ``cm`` (curriculum SFT, full format), ``sa`` (sampled SFT, concise) or ``de`` (GRPO prompts).
         tasks: tasks to use (NER, RE, EE); default all present.
         datasets: data sets by ``Name`` or ``TASK/Name``; default all.
