@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..chat import answer_ids, chat_prompt_ids
+from ..decoding import left_pad
 from ..kernels.reference import IGNORE_INDEX
 from ..schema import Record
 
@@ -138,12 +139,7 @@ def collate_prompts(pad_id: int) -> Callable:
     """Left-padded prompts (generation appends on the right) and the gold records."""
 
     def collate(items) -> dict:
-        width = max(len(p) for _, p in items)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, (_, p) in enumerate(items):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad([p for _, p in items], pad_id)
         return {"input_ids": ids, "attention_mask": mask, "records": RecordList([r for r, _ in items])}
 
     return collate

@@ -1,16 +1,30 @@
-"""Rollouts: G sampled completions for each of P prompts in one batched ``generate`` call.
+"""Rollouts: G sampled completions for each of the P prompts of a batch.
 
-Prompts arrive left-padded; each is repeated G times (consecutive rows form a group), sampled with the given
-temperature and top-p, and stopped at any stop token (:func:`prouie_pl.chat.stop_token_ids`).  A completion's mask covers its tokens up to and
-including the first end token; a completion that hit the length limit without an end token is flagged
-``truncated``.
+:func:`generate_rollouts` is the one place a GRPO step gets its completions from, so a faster engine (vLLM on a
+GPU) plugs in here and nowhere else.  Today it is :func:`prouie_pl.decoding.decode_prompts`, the path
+evaluation and extraction decode through too: with ``prefill: shared`` (the default) each prompt is prefilled
+once and its KV cache repeated G times before sampling; ``prefill: repeated`` repeats the prompts G times
+before ``generate`` (each prefilled G times), which samples from the same distribution and is kept to measure
+the difference (``bench/grpo_step.py``).
+
+Consecutive rows form a group (the G completions of one prompt).  Sampling uses the given temperature and
+top-p and stops at any stop token (:func:`prouie_pl.chat.stop_token_ids`).  A completion's mask covers its
+tokens up to and including the first stop token; a completion that hit the length limit without one is
+flagged ``truncated``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from ..decoding import Sampling, completion_mask, decode_prompts, prompt_rows
+
+PREFILL_MODES = ("shared", "repeated")
+
+__all__ = ["PREFILL_MODES", "Rollout", "RolloutSettings", "completion_mask", "generate_rollouts"]
 
 
 @dataclass
@@ -22,12 +36,19 @@ class RolloutSettings:
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
         max_new_tokens: cap on completion length; completions cut there are flagged truncated.
+        prefill: ``shared``: each prompt is prefilled once and its KV cache repeated for its G completions;
+            ``repeated``: the prompt is repeated G times and prefilled G times (same distribution, slower).
     """
 
     num_generations: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
+    prefill: Literal["shared", "repeated"] = "shared"
+
+    def __post_init__(self) -> None:
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"model.rollout.prefill must be one of {', '.join(PREFILL_MODES)}, not {self.prefill!r}")
 
 
 @dataclass
@@ -43,44 +64,16 @@ class Rollout:
         return self.completion_mask.sum(dim=1)
 
 
-def completion_mask(completion_ids: torch.Tensor, stop_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask up to and including the first stop token (any of ``stop_ids``), and whether each row never produced one."""
-    stops = torch.as_tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=completion_ids.device)
-    is_eos = torch.isin(completion_ids, stops)
-    has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
-    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
-    mask = (positions <= first.unsqueeze(1)).long()
-    return mask, ~has_eos
-
-
-@torch.no_grad()
 def generate_rollouts(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: RolloutSettings) -> Rollout:
+    """G sampled completions of every prompt of a left-padded batch (rows ``i * G`` to ``i * G + G - 1``)."""
     from ..chat import stop_token_ids
 
     g = settings.num_generations
-    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-    ids = input_ids.repeat_interleave(g, dim=0)
-    mask = attention_mask.repeat_interleave(g, dim=0)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=0,
-        max_new_tokens=settings.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stops,
-        use_cache=True,
+    done = decode_prompts(
+        model, prompt_rows(input_ids, attention_mask), num_samples=g, batch_size=None,
+        max_new_tokens=settings.max_new_tokens, stop_ids=stop_token_ids(tokenizer, getattr(model, "generation_config", None)),
+        pad_id=tokenizer.pad_token_id, sampling=Sampling(settings.temperature, settings.top_p),
+        share_prefix=settings.prefill == "shared", device=input_ids.device,
     )
-    if was_training:
-        model.train()
-    completion = out[:, ids.shape[1]:]
-    if completion.shape[1] == 0:  # nothing generated at all
-        completion = torch.full((ids.shape[0], 1), stops[0], dtype=ids.dtype, device=ids.device)
-    cmask, truncated = completion_mask(completion, stops)
-    completion = completion.masked_fill(cmask == 0, tokenizer.pad_token_id)
-    return Rollout(ids, mask, completion, cmask, truncated)
+    return Rollout(input_ids.repeat_interleave(g, dim=0), attention_mask.repeat_interleave(g, dim=0), done.ids, done.mask,
+                   done.truncated)
