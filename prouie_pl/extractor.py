@@ -14,9 +14,10 @@ How a document goes through it:
    (:mod:`prouie_pl.text_windows`); every task of the schema (NER for ``entities``, RE for ``relations``, EE
    for ``events``) gets one prompt per window, built by :func:`prouie_pl.formats.build_prompt` and
    :func:`prouie_pl.chat.chat_prompt_ids` exactly as in training;
-2. prompts of several documents are sorted by length and decoded greedily in batches
-   (:func:`prouie_pl.decoding.generate_greedy`, stopping on :func:`prouie_pl.chat.stop_token_ids`), optionally
-   under the schema constraint of :mod:`prouie_pl.constrained`;
+2. prompts of several documents are decoded greedily in batches of similar prompt length
+   (:func:`prouie_pl.decoding.iter_decode`, the path evaluation and GRPO rollouts decode through too, stopping
+   on :func:`prouie_pl.chat.stop_token_ids`), optionally under the schema constraint of
+   :mod:`prouie_pl.constrained`;
 3. each answer is read by :func:`prouie_pl.parser.parse_output` (which never raises) and every span is placed
    back at character offsets of the document (:mod:`prouie_pl.span_alignment`); a span that cannot be placed, or
    a type the schema does not have, goes to ``unaligned`` with the reason;
@@ -485,7 +486,9 @@ class Extractor:
         return doc, jobs
 
     def _run_group(self, group: list, bar) -> Iterator[DocumentExtraction]:
-        jobs = sorted((j for _, js in group for j in js), key=lambda j: -len(j.prompt))
+        from .decoding import constraint_factory, greedy_output, iter_decode
+
+        jobs = [j for _, js in group for j in js]
         order = [doc for doc, _ in group]
         emitted = 0
 
@@ -497,23 +500,17 @@ class Extractor:
                 emitted += 1
 
         yield from ready()
-        for b in range(0, len(jobs), self.batch_size):
-            batch = jobs[b:b + self.batch_size]
-            out = self._decode(batch)
-            for job, text, cut, n in zip(batch, out.texts, out.truncated, out.new_tokens):
-                job.doc.add(job, text, cut, n)
-                job.doc.pending -= 1
+        rows = [(j.task, j.schema, j.window.text) for j in jobs]
+        factory = constraint_factory(self.tokenizer, rows, self.max_new_tokens, self.stop_ids) if self.constrained else None
+        # batches of similar prompt length, longest first, as every decoding path batches them
+        for idx, done in iter_decode(self.model, [j.prompt for j in jobs], batch_size=self.batch_size,
+                                     max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                                     pad_id=self.tokenizer.pad_token_id, processor_for=factory):
+            out = greedy_output(self.tokenizer, done)
+            for i, text, cut, n in zip(idx, out.texts, out.truncated, out.new_tokens):
+                jobs[i].doc.add(jobs[i], text, cut, n)
+                jobs[i].doc.pending -= 1
             yield from ready()
-
-    def _decode(self, batch: list[_Job]):
-        from .datamodules.batching import collate_prompts
-        from .decoding import generate_greedy
-
-        padded = collate_prompts(self.tokenizer.pad_token_id)([(None, j.prompt) for j in batch])
-        device = _model_device(self.model)
-        rows = [(j.task, j.schema, j.window.text) for j in batch] if self.constrained else None
-        return generate_greedy(self.model, self.tokenizer, padded["input_ids"].to(device), padded["attention_mask"].to(device),
-                               self.max_new_tokens, self.stop_ids, constraint_rows=rows)
 
 
 def _looks_local(name: str) -> bool:
@@ -522,13 +519,6 @@ def _looks_local(name: str) -> bool:
         return True
     first = name.split("/", 1)[0]
     return "/" in name and Path(first).is_dir()
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _load(fn, what: str, flag: str):
