@@ -2,5 +2,7 @@
 
 from .module import GRPOModule
 from .rollout import Rollout, RolloutSettings, generate_rollouts
+from .stats import StepStats
+from .trajectory import Trajectory
 
-__all__ = ["GRPOModule", "Rollout", "RolloutSettings", "generate_rollouts"]
+__all__ = ["GRPOModule", "Rollout", "RolloutSettings", "StepStats", "Trajectory", "generate_rollouts"]

@@ -1,17 +1,21 @@
 """``GRPOModule``: the Deep Exploration stage, GRPO with stepwise fine-grained rewards.
 
-One training step, composed of separate pieces:
+A training step is the algorithm, one typed piece after another (:meth:`GRPOModule.training_step`):
 
-1. rollout (:mod:`.rollout`): G sampled completions for each of the P prompts of the batch, one ``generate``;
-2. reward (:mod:`prouie_pl.rewards`): SFR steps per completion (unit rewards at the tokens where units end,
-   a final format + recall step) and the outcome reward (F1 + format term);
-3. advantage (:mod:`prouie_pl.kernels`): ``stepwise`` (default) normalises all step rewards of a group
-   together and gives each token the sum of the normalised rewards of the steps ending at or after it;
-   ``outcome`` normalises the outcome rewards within the group, one value for every token;
-4. ``num_iterations`` update passes over the rollouts; with more than one, the log-probs of the sampling
-   policy are kept as ``old``; ``grpo_loss`` (clipped surrogate, k3 KL to the reference when ``beta > 0``, the
-   reference being the same model with the LoRA adapter disabled), backward in micro-batches, one optimizer
-   step per pass.
+1. rollout (:func:`.rollout.generate_rollouts`): G sampled completions for each of the P prompts of the batch,
+   each prompt prefilled once;
+2. reward (:func:`.rewarding.rollout_rewards`): SFR steps per completion (unit rewards at the tokens where units
+   end, a final format + recall step) and the outcome reward (F1 + format term);
+3. advantage (:func:`.advantages.token_advantages`): ``stepwise`` (default) normalises all step rewards of a
+   group together and gives each token the sum of the normalised rewards of the steps ending at or after it;
+   ``outcome`` normalises the outcome rewards within the group, one value for every token.  Steps 1-3 make a
+   :class:`.trajectory.Trajectory`;
+4. log-probs the loss compares against, without gradients: the reference's (the same model with the LoRA
+   adapter disabled) when ``beta > 0``, the sampling policy's (``old``) when ``num_iterations > 1``;
+5. ``num_iterations`` update passes: ``grpo_loss`` (clipped surrogate, k3 KL to the reference when
+   ``beta > 0``) and backward over micro-batches (:func:`.trajectory.micro_batches`), gradients reduced once
+   per pass under DDP, one optimizer step per pass;
+6. one :class:`.stats.StepStats` logged (``train/*``, ``time/*``) and kept as ``last_step_stats``.
 
 Departures from the paper and from TRL, on purpose:
 
@@ -28,23 +32,24 @@ a step (``data.batch_size x model.rollout.num_generations``).
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from typing import Literal, Optional
+from contextlib import nullcontext
+from typing import Literal, Optional, Sequence
 
 import torch
 
-from ..kernels import group_advantages, grpo_loss, stepwise_advantages
+from ..kernels import grpo_loss
 from ..kernels.reference import LOSS_TYPES
 from ..modeling import BaseModelSettings, LoRASettings
 from ..optim import OPTIMIZERS, make_optimizer, warmup_constant
-from ..rewards import RewardSettings, completion_token_ends, sfr_reward
+from ..rewards import RewardSettings
+from ..schema import Record
 from ..uie_module import GenerationSettings, UIEModule
+from .advantages import ADVANTAGE_MODES, token_advantages
 from .logprobs import completion_logprobs
-from .rollout import RolloutSettings, generate_rollouts
-
-ADVANTAGE_MODES = ("stepwise", "outcome")
+from .rewarding import rollout_rewards
+from .rollout import Rollout, RolloutSettings, generate_rollouts
+from .stats import PassStats, PhaseTimer, StepStats
+from .trajectory import Trajectory, micro_batches
 
 
 class GRPOModule(UIEModule):
@@ -131,7 +136,12 @@ class GRPOModule(UIEModule):
         self.max_grad_norm = max_grad_norm
         self.optimizer_name = optimizer
         self.reference_passes = 0  # counted so tests can check that beta = 0 runs none
-        self.last_step_stats: dict = {}
+        self.last_step: Optional[StepStats] = None
+
+    @property
+    def last_step_stats(self) -> dict:
+        """What the last training step logged (``train/*``, ``time/*``); empty before the first step."""
+        return self.last_step.as_log() if self.last_step is not None else {}
 
     # ------------------------------------------------------------------ checks and optimizer
 
@@ -153,61 +163,95 @@ class GRPOModule(UIEModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self, batch: dict, batch_idx: int):
+        clock = PhaseTimer()
+        with clock("generate"):
+            rollout = generate_rollouts(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.rollout_settings)
+        with clock("reward"):
+            trajectory = self.make_trajectory(rollout, batch["records"])
+        with clock("reference"):
+            self.add_comparison_logprobs(trajectory)
+        with clock("policy"):
+            passes = [self.update_policy(trajectory) for _ in range(self.num_iterations)]
+        stats = StepStats.collect(trajectory, batch["records"], passes, clock.finish(), lr=self.lr_schedulers().get_last_lr()[0])
+        self.log_step(stats)
+        return None
+
     # ------------------------------------------------------------------ pieces
 
-    @contextmanager
-    def _timed(self, times: dict, key: str):
-        t0 = time.perf_counter()
-        yield
-        times[key] = times.get(key, 0.0) + time.perf_counter() - t0
-
-    def compute_rewards(self, rollout, records) -> list:
-        tok = self.tokenizer
-        out = []
-        lengths = rollout.lengths.tolist()
-        ids = rollout.completion_ids.tolist()
-        for i, rec in enumerate(records):
-            toks = ids[i][: lengths[i]]
-            text, ends = completion_token_ends(tok, toks)
-            out.append(sfr_reward(text, ends, rec, self.reward_settings, n_tokens=len(toks)))
-        return out
-
-    def compute_advantages(self, results: list, rollout) -> torch.Tensor:
-        """[N, L] per-token advantages."""
+    def make_trajectory(self, rollout: Rollout, prompt_records: Sequence[Record]) -> Trajectory:
+        """Rewards and per-token advantages of the rollouts of ``prompt_records`` (one record per prompt)."""
         g = self.rollout_settings.num_generations
-        n, length = rollout.completion_ids.shape
-        device = rollout.completion_ids.device
-        if self.advantage_mode == "outcome":
-            rewards = torch.tensor([r.outcome for r in results], dtype=torch.float32, device=device)
-            adv = group_advantages(rewards, g, scale=self.scale_rewards)
-            return adv.unsqueeze(1).expand(n, length).contiguous()
-        s = max(len(r.steps) for r in results)
-        step_rewards = torch.zeros(n, s, dtype=torch.float32)
-        step_ends = torch.zeros(n, s, dtype=torch.long)
-        step_mask = torch.zeros(n, s, dtype=torch.bool)
-        for i, r in enumerate(results):
-            for j, (end, val) in enumerate(r.steps):
-                step_rewards[i, j], step_ends[i, j], step_mask[i, j] = val, end, True
-        return stepwise_advantages(step_rewards.to(device), step_ends.to(device), step_mask.to(device), g, length)
+        records = [r for r in prompt_records for _ in range(g)]
+        rewards = rollout_rewards(self.tokenizer, rollout, records, self.reward_settings)
+        advantages = token_advantages(rewards, rollout.completion_mask, g, self.advantage_mode, self.scale_rewards)
+        return Trajectory.from_rollout(rollout, rewards, advantages, g)
 
-    def _logprobs(self, rollout, rows: slice) -> torch.Tensor:
-        return completion_logprobs(self.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-                                   rollout.completion_mask[rows], self.rollout_settings.temperature)
+    def add_comparison_logprobs(self, trajectory: Trajectory) -> None:
+        """The no-grad log-probs the loss compares the policy with: the reference's (``beta > 0``) and the
+        sampling policy's (``num_iterations > 1``; the first pass would otherwise see ratio 1 only)."""
+        chunks = micro_batches(trajectory.all_rows(), self.micro_batch_size)
+        if self.beta > 0:
+            trajectory.ref_logprobs = self._logprobs_no_grad(trajectory, chunks, reference=True)
+        if self.num_iterations > 1:
+            trajectory.old_logprobs = self._logprobs_no_grad(trajectory, chunks, reference=False)
+
+    def backward_rows(self, trajectory: Trajectory) -> torch.Tensor:
+        """Completions that go through the backward pass: all of them, or with ``skip_zero_advantage`` (only with
+        ``beta = 0`` on one device) those with a non-zero advantage somewhere."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if self.skip_zero_advantage and self.beta == 0 and world == 1:
+            return trajectory.rows_with_signal().nonzero().flatten()
+        return trajectory.all_rows()
+
+    def update_policy(self, trajectory: Trajectory) -> PassStats:
+        """One update pass: the batch loss as a sum of weighted micro-batch losses, one backward each (gradients
+        reduced once, in the last), clipping, one optimizer and scheduler step."""
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        opt.zero_grad()
+        stats = PassStats()
+        total_tokens = max(trajectory.tokens, 1.0)
+        batches = micro_batches(self.backward_rows(trajectory), self.micro_batch_size)
+        for k, rows in enumerate(batches):
+            mask = trajectory.completion_mask[rows]
+            loss, metrics = grpo_loss(
+                self._logprobs(trajectory, rows),
+                None if trajectory.old_logprobs is None else trajectory.old_logprobs[rows],
+                None if trajectory.ref_logprobs is None else trajectory.ref_logprobs[rows],
+                trajectory.advantages[rows], mask,
+                eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
+                max_completion_length=trajectory.completion_length,
+            )
+            tokens = float(mask.sum())
+            # bnpo and dapo normalise by the tokens of the whole batch, grpo and dr_grpo by its completions
+            weight = tokens / total_tokens if self.loss_type in ("bnpo", "dapo") else len(rows) / trajectory.size
+            with self._backward_sync(last=k == len(batches) - 1):
+                self.manual_backward(loss * weight)
+            stats.loss += float(loss.detach()) * weight
+            for name, value in metrics.items():
+                stats.metrics[name] += float(value) * tokens / total_tokens
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        return stats
+
+    def _logprobs(self, trajectory: Trajectory, rows: torch.Tensor) -> torch.Tensor:
+        return completion_logprobs(self.model, trajectory.prompt_ids[rows], trajectory.prompt_mask[rows],
+                                   trajectory.completion_ids[rows], trajectory.completion_mask[rows],
+                                   self.rollout_settings.temperature)
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, rollout, chunks: list[slice], reference: bool) -> torch.Tensor:
-        outs = []
+    def _logprobs_no_grad(self, trajectory: Trajectory, chunks: list[torch.Tensor], reference: bool) -> torch.Tensor:
         ctx = self.model.disable_adapter() if reference else nullcontext()
         with ctx:
-            for rows in chunks:
-                outs.append(self._logprobs(rollout, rows))
+            out = torch.cat([self._logprobs(trajectory, rows) for rows in chunks], dim=0)
         if reference:
             self.reference_passes += 1
-        return torch.cat(outs, dim=0)
-
-    def _chunks(self, n: int) -> list[slice]:
-        size = self.micro_batch_size or n
-        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+        return out
 
     def _backward_sync(self, last: bool):
         """Under DDP, gradients are reduced once per optimizer step: by DDP, in the last backward of the pass.
@@ -219,110 +263,10 @@ class GRPOModule(UIEModule):
             return nullcontext()
         return strategy.block_backward_sync()
 
-    # ------------------------------------------------------------------ the step
-
-    def training_step(self, batch: dict, batch_idx: int):
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        times: dict[str, float] = {}
-        t_step = time.perf_counter()
-        g = self.rollout_settings.num_generations
-        records = [r for r in batch["records"] for _ in range(g)]
-
-        with self._timed(times, "generate"):
-            rollout = generate_rollouts(self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.rollout_settings)
-        with self._timed(times, "reward"):
-            results = self.compute_rewards(rollout, records)
-            advantages = self.compute_advantages(results, rollout)
-        n, length = rollout.completion_ids.shape
-        mask = rollout.completion_mask
-        row_has_signal = (advantages.abs() * mask).sum(dim=1) > 0
-        group_has_signal = row_has_signal.view(-1, g).any(dim=1)
-
-        world = self.trainer.world_size if self._trainer is not None else 1
-        chunks_all = self._chunks(n)
-        ref_lp = old_lp = None
-        with self._timed(times, "reference"):
-            if self.beta > 0:
-                ref_lp = self._logprobs_no_grad(rollout, chunks_all, reference=True)
-            if self.num_iterations > 1:
-                old_lp = self._logprobs_no_grad(rollout, chunks_all, reference=False)
-
-        # which completions go through the backward pass
-        skip_ok = self.skip_zero_advantage and self.beta == 0 and world == 1
-        active = row_has_signal if skip_ok else torch.ones(n, dtype=torch.bool, device=mask.device)
-        total_tokens = float(mask.sum())
-        metrics_acc: dict[str, float] = defaultdict(float)
-        losses = []
-        with self._timed(times, "policy"):
-            for _ in range(self.num_iterations):
-                opt.zero_grad()
-                idx = active.nonzero().flatten()
-                size = self.micro_batch_size or max(1, len(idx))
-                starts = range(0, len(idx), size)
-                for start in starts:
-                    rows = idx[start:start + size]
-                    lp = completion_logprobs(self.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], mask[rows], self.rollout_settings.temperature)
-                    m = mask[rows]
-                    loss, metrics = grpo_loss(
-                        lp, None if old_lp is None else old_lp[rows], None if ref_lp is None else ref_lp[rows], advantages[rows], m,
-                        eps_low=self.epsilon_low, eps_high=self.epsilon_high, beta=self.beta, loss_type=self.loss_type,
-                        max_completion_length=length,
-                    )
-                    tokens = float(m.sum())
-                    weight = tokens / max(total_tokens, 1.0) if self.loss_type in ("bnpo", "dapo") else len(rows) / n
-                    with self._backward_sync(last=start == starts[-1]):
-                        self.manual_backward(loss * weight)
-                    losses.append(float(loss.detach()) * weight)
-                    for k, v in metrics.items():
-                        metrics_acc[k] += float(v) * tokens / max(total_tokens, 1.0) / self.num_iterations
-                if self.max_grad_norm and self.max_grad_norm > 0:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                sched.step()
-        times["step"] = time.perf_counter() - t_step
-        self._log_step(results, batch["records"], rollout, group_has_signal, metrics_acc, sum(losses) / self.num_iterations, times)
-        return None
-
     # ------------------------------------------------------------------ logging
 
-    def _log_step(self, results, prompt_records, rollout, group_has_signal, metrics, loss, times) -> None:
-        g = self.rollout_settings.num_generations
-        outcomes = torch.tensor([r.outcome for r in results])
-        bs = len(results)
-        log = {
-            "train/loss": loss,
-            "train/reward": float(outcomes.mean()),
-            "train/reward_std": float(outcomes.std()) if len(outcomes) > 1 else 0.0,
-            "train/f1": float(sum(r.f1 for r in results) / bs),
-            "train/zero_spread_groups": float(1.0 - group_has_signal.float().mean()),
-            "train/completion_length": float(rollout.lengths.float().mean()),
-            "train/truncated_share": float(rollout.truncated.float().mean()),
-            "train/parse_ok_share": float(sum(r.parsed_ok for r in results) / bs),
-            "train/clip_ratio": metrics.get("clip_ratio", 0.0),
-            "train/kl": metrics.get("kl", 0.0),
-            "train/completions_per_s": bs / max(times["step"], 1e-9),
-            "train/lr": self.lr_schedulers().get_last_lr()[0],
-        }
-        by_task: dict[str, list[float]] = defaultdict(list)
-        for i, r in enumerate(results):
-            by_task[prompt_records[i // g].task].append(r.outcome)
-        for task, vals in by_task.items():
-            t = torch.tensor(vals)
-            log[f"train/reward_{task}"] = float(t.mean())
-            log[f"train/reward_std_{task}"] = float(t.std()) if len(vals) > 1 else 0.0
-        correct, predicted = defaultdict(int), defaultdict(int)
-        for r in results:
-            for k, v in r.correct.items():
-                correct[k] += v
-            for k, v in r.predicted.items():
-                predicted[k] += v
-        for kind, p in predicted.items():
-            log[f"train/precision_{kind}"] = correct[kind] / p if p else 0.0
-        for k, v in times.items():
-            log[f"time/{k}"] = v
-        log["time/outside_generate_share"] = 1.0 - times["generate"] / max(times["step"], 1e-9)
-        self.last_step_stats = log
-        self.log_dict(log, prog_bar=False, batch_size=bs)
-        self.log("reward", log["train/reward"], prog_bar=True, logger=False, batch_size=bs)
-
+    def log_step(self, stats: StepStats) -> None:
+        self.last_step = stats
+        log = stats.as_log()
+        self.log_dict(log, prog_bar=False, batch_size=stats.completions)
+        self.log("reward", log["train/reward"], prog_bar=True, logger=False, batch_size=stats.completions)
