@@ -36,9 +36,19 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_result(name: str, title: str, body: str, out: str | None = None) -> Path:
+NOTES_HEADING = "## Notes"
+
+
+def write_result(name: str, title: str, body: str, out: str | None = None, keep_notes: bool = False) -> Path:
+    """Write a results file.  With ``keep_notes`` the file ends with a ``## Notes`` section that people write:
+    the one already in the file (kept word for word when the script rewrites it) or an empty one."""
     path = Path(out) if out else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
+    if keep_notes:
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        at = old.find("\n" + NOTES_HEADING + "\n")
+        notes = old[at + 1:].rstrip() if at >= 0 else f"{NOTES_HEADING}\n\n(written by hand after the run)"
+        body = f"{body.rstrip()}\n\n{notes}"
     text = f"# {title}\n\n{machine_line()}\n\n{body}\n"
     path.write_text(text, encoding="utf-8")
     print(text)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -27,40 +26,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _bootstrap import per_sentence_counts, percentile_interval, resampled_f1  # noqa: E402
 from _common import REPO, markdown_table, require_shared_data, write_result  # noqa: E402
 
 DATASETS = ["CoNLL2003", "CoNLL2004", "PHEE"]
 METRICS = {"NER": ["NER"], "RE": ["RE_strict", "RE_boundary"], "EE": ["EE_trigger", "EE_argument"]}
-
-
-def bootstrap_interval(per_sentence: list[tuple[int, int, int]], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of micro F1 over resamples of the sentences."""
-    rng = random.Random(seed)
-    n = len(per_sentence)
-    scores = []
-    for _ in range(n_boot):
-        tp = fp = fn = 0
-        for _ in range(n):
-            a, b, c = per_sentence[rng.randrange(n)]
-            tp, fp, fn = tp + a, fp + b, fn + c
-        p = tp / (tp + fp) if tp + fp else 0.0
-        r = tp / (tp + fn) if tp + fn else 0.0
-        scores.append(200 * p * r / (p + r) if p + r else 0.0)
-    scores.sort()
-    return scores[int(0.025 * n_boot)], scores[int(0.975 * n_boot) - 1]
-
-
-def per_sentence_counts(records, outputs) -> dict[tuple[str, str], list[tuple[int, int, int]]]:
-    from prouie_pl.scoring import Scorer
-
-    out: dict = {}
-    for rec, text in zip(records, outputs):
-        for metric in METRICS[rec.task]:
-            scorer = Scorer("strict")
-            scorer.add(rec, text)
-            c = scorer.counts[metric][rec.dataset]
-            out.setdefault((rec.dataset, metric), []).append((c.tp, c.fp, c.fn))
-    return out
 
 
 def main(argv=None) -> int:
@@ -82,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
+    import numpy as np
     import torch
 
     from prouie_pl.lightning_cli import build_cli
@@ -136,12 +107,14 @@ def main(argv=None) -> int:
     records = [by_key[(p["task"], p["dataset"], p["index"])] for p in preds]
     counts = per_sentence_counts(records, [p["output"] for p in preds])
 
+    rng = np.random.default_rng(0)
     rows = []
     for ds in DATASETS:
         task = next(r.task for r in records if r.dataset == ds)
         for metric in METRICS[task]:
             entry = report["tasks"][metric]["datasets"][ds]
-            lo, hi = bootstrap_interval(counts[(ds, metric)])
+            n = len(counts[(ds, metric)])
+            lo, hi = percentile_interval(resampled_f1(counts[(ds, metric)], rng.integers(0, n, (1000, n))))
             rows.append([f"{task}/{ds}", metric, entry["f1"], f"{lo:.1f} - {hi:.1f}", entry["precision"], entry["recall"], entry["n"], entry["parse_failures"]])
     settings = (f"LoRA r={args.rank} (alpha {2 * args.rank}) on every linear layer, base dtype {args.dtype} "
                 f"({trained_dtype} in training, {'float32' if args.eval_dtype == 'float32' else trained_dtype} in test decoding), lr {args.lr:g} cosine to 10% with 3% warm-up, "
@@ -155,12 +128,9 @@ def main(argv=None) -> int:
         f"Load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         markdown_table(["data set", "metric", "F1", "95% interval", "P", "R", "sentences", "parse failures"], rows),
-        "",
-        "## Notes",
-        "",
-        "(written by hand after the run)",
     ])
-    write_result("real_model_learning.md", "Gemma 3 270M: SFT from the base on real data (2-core CPU)", body, args.out)
+    write_result("real_model_learning.md", "Gemma 3 270M: SFT from the base on real data (2-core CPU)", body, args.out,
+                 keep_notes=True)  # the notes written by hand survive a rerun
     if tokens:
         print(f"answer tokens in the last logged step: {tokens}")
     return 0
