@@ -69,10 +69,11 @@ def fit_steps(module, data, max_steps: int, callbacks=()):
     return trainer
 
 
-def sft_warmup_adapter(out, steps: int, seed: int, **data_kwargs):
+def sft_warmup_adapter(out, steps: int, seed: int, model: str = "tiny", dtype: str = "float32", **data_kwargs):
     """A short SFT run (lr 1e-3, LoRA r=16 / alpha 32 / no dropout on every linear layer) from a fresh adapter on
-    the tiny base, so that GRPO benchmarks start from answers that differ in quality; ``data_kwargs`` go to
-    ``UIEDataModule`` (stage ``sa``, batch size 8).  Saves the adapter to ``out`` and returns it."""
+    the base ``model`` (frozen weights stored in ``dtype``), so that GRPO benchmarks start from answers that differ
+    in quality; ``data_kwargs`` go to ``UIEDataModule`` (stage ``sa``, batch size 8).  Saves the adapter to ``out``
+    and returns it."""
     import lightning as L
 
     from prouie_pl.datamodules import UIEDataModule
@@ -80,7 +81,7 @@ def sft_warmup_adapter(out, steps: int, seed: int, **data_kwargs):
     from prouie_pl.sft import SFTModule
 
     L.seed_everything(seed, verbose=False)
-    module = SFTModule(base=BaseModelSettings(name_or_path="tiny"), lora=LoRASettings(r=16, alpha=32, dropout=0.0),
+    module = SFTModule(base=BaseModelSettings(name_or_path=model, dtype=dtype), lora=LoRASettings(r=16, alpha=32, dropout=0.0),
                        learning_rate=1e-3, warmup_ratio=0.05)
     data = UIEDataModule(stage="sa", batch_size=8, max_val_records=0, seed=seed, **data_kwargs)
     fit_steps(module, data, steps)

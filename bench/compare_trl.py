@@ -1,9 +1,11 @@
 """ProUIE-PL against TRL on the same work: SFT and GRPO throughput, side by side, in fresh processes.
 
-Both sides train the same tiny offline Llama (``tiny``: hidden 256, 4 layers, vocabulary 2,000) with LoRA r=16,
-alpha 32, no dropout, on every linear layer, in float32, without gradient checkpointing, on the same records:
-prompts and concise targets of ``RE/CoNLL2004`` and ``NER/CoNLL2003`` from ``../shared/data/uie`` (a stratified
-sample of ``--records`` per data set, seeded).
+Both sides train the same base model (``--model``: the tiny offline Llama ``tiny``, hidden 256, 4 layers,
+vocabulary 2,000, by default; ``gemma-3-270m`` for the real model, vocabulary 262,144) with its frozen weights in
+the same dtype (``--dtype``: float32 for ``tiny``, ``auto`` otherwise, i.e. bfloat16 on a CPU with native bf16),
+LoRA r=16, alpha 32, no dropout, on every linear layer, in float32, without gradient checkpointing, on the same
+records: prompts and concise targets of ``RE/CoNLL2004`` and ``NER/CoNLL2003`` from ``../shared/data/uie`` (a
+stratified sample of ``--records`` per data set, seeded).
 
 * **SFT**: ``prouie_pl.sft.SFTModule`` under a Lightning ``Trainer`` with ``UIEDataModule`` (length-grouped
   batches, the project default) against TRL's ``SFTTrainer`` given the very same token ids and labels (prompt
@@ -16,9 +18,11 @@ sample of ``--records`` per data set, seeded).
   the same outcome reward (``prouie_pl.rewards.sfr_reward(...).outcome``: F1 of the structural units plus the
   format term; ProUIE-PL runs with ``advantage: outcome``), P prompts x G completions per step, the same
   temperature, top-p 1, no top-k, the same completion cap, ``beta = 0``, one update pass per batch, ``dapo`` loss
-  aggregation (TRL's default), group-scaled rewards, clip 0.2, gradient norm 1.0.  ``generate`` is timed on both
-  sides by the same wrapper around the model's ``generate``, which also counts completion tokens (up to and
-  including the first end token).  Step time is the wall time between the ends of consecutive steps.
+  aggregation (TRL's default), group-scaled rewards, clip 0.2, gradient norm 1.0.  Rollout time is TRL's
+  ``generate`` (timed by a wrapper that also counts completion tokens up to and including the first stop token,
+  :func:`prouie_pl.chat.stop_token_ids`) and ProUIE-PL's ``generate`` phase of its own timers (the prompts'
+  shared prefill and ``generate``; its rollouts count tokens the same way).  Step time is the wall time between
+  the ends of consecutive steps.
 
   ProUIE-PL leaves the completions of groups whose advantages are all zero out of the backward pass (with
   ``beta = 0`` their loss and gradient are exactly zero, so the update is the same); TRL runs them.  The table
@@ -29,11 +33,13 @@ length-grouped batches too (``train_sampling_strategy="group_by_length"``), ``pr
 GRPO with ``skip_zero_advantage=False``.  The headline ratios compare the defaults (``prouie-pl`` / ``trl``).
 
 Runs alternate (ours, TRL, ours, TRL, ...) in fresh Python processes, each with untimed warm-up steps; the table
-gives the median of the per-run throughputs and the ratio of the medians, plus the ratio of each pair.
+gives the median of the per-run throughputs and the ratio of the medians, plus the ratio of each pair, and each
+process's peak resident memory (``ru_maxrss``: the model, the optimizer state and everything the run touched).
 
     pip install -e ".[bench]"                          # TRL, only for this benchmark
     python bench/compare_trl.py                        # writes bench/results/compare_trl.md
     python bench/compare_trl.py --repeats 1 --sft_steps 4 --grpo_steps 2 --out /tmp/compare_trl.md   # smoke run
+    python bench/compare_trl.py --model gemma-3-270m --records 32 --batch_size 8 --prompts 4 --generations 4
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -86,21 +93,21 @@ def sft_examples(args, tokenizer) -> list[dict]:
 
 
 class TimedGenerate:
-    """Wraps a model's ``generate``: wall time and completion tokens (to the first end token, inclusive, as
+    """Wraps a model's ``generate``: wall time and completion tokens (to the first stop token, inclusive, as
     GRPO rollouts count them)."""
 
-    def __init__(self, model, eos_id: int):
+    def __init__(self, model, stop_ids: list[int]):
         self.inner = model.generate
-        self.eos_id = eos_id
+        self.stop_ids = stop_ids
         self.calls: list[dict] = []
 
     def __call__(self, *a, **kw):
-        from prouie_pl.grpo.rollout import completion_mask
+        from prouie_pl.decoding import completion_mask
 
         t0 = time.perf_counter()
         out = self.inner(*a, **kw)
         dt = time.perf_counter() - t0
-        mask, _ = completion_mask(out[:, kw["input_ids"].shape[1]:], self.eos_id)
+        mask, _ = completion_mask(out[:, kw["input_ids"].shape[1]:], self.stop_ids)
         self.calls.append({"seconds": dt, "completions": int(mask.shape[0]), "tokens": int(mask.sum())})
         return out
 
@@ -122,8 +129,9 @@ def step_clock():
 
 def worker_warmup(args) -> dict:
     """A short ProUIE-PL SFT run from a fresh adapter; both GRPO sides start from it."""
-    sft_warmup_adapter(args.adapter, args.warmup_adapter_steps, args.seed, data_dir=args.data_dir, datasets=DATASETS,
-                       sample_per_dataset=args.records, max_seq_length=args.max_seq_length)
+    sft_warmup_adapter(args.adapter, args.warmup_adapter_steps, args.seed, model=args.model, dtype=args.dtype,
+                       data_dir=args.data_dir, datasets=DATASETS, sample_per_dataset=args.records,
+                       max_seq_length=args.max_seq_length)
     return {"adapter": args.adapter, "steps": args.warmup_adapter_steps}
 
 
@@ -151,7 +159,7 @@ def worker_sft_ours(args) -> dict:
                 steps.append({"seconds": dt, "tokens": int(am.sum()), "positions": int(am.numel())})
 
     L.seed_everything(args.seed, verbose=False)
-    module = SFTModule(base=BaseModelSettings(name_or_path="tiny"), lora=lora_settings(), learning_rate=args.lr,
+    module = SFTModule(base=BaseModelSettings(name_or_path=args.model, dtype=args.dtype), lora=lora_settings(), learning_rate=args.lr,
                        warmup_ratio=0.1)
     data = UIEDataModule(data_dir=args.data_dir, stage="sa", datasets=DATASETS, sample_per_dataset=args.records,
                          batch_size=args.batch_size, max_val_records=0, max_seq_length=args.max_seq_length, seed=args.seed)
@@ -167,12 +175,12 @@ def worker_sft_trl(args, grouped: bool = False) -> dict:
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from prouie_pl.modeling import load_tokenizer, resolve_model_path
+    from prouie_pl.modeling import load_tokenizer, resolve_dtype, resolve_model_path
 
-    path = resolve_model_path("tiny")
-    tok = load_tokenizer("tiny")
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(args.model)
     examples = sft_examples(args, tok)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype))
     tick = step_clock()
     batches: list[dict] = []
     steps: list[dict] = []
@@ -216,24 +224,19 @@ def worker_grpo_ours(args, skip: bool = True) -> dict:
 
     tick = step_clock()
     steps: list[dict] = []
-    timer: dict = {}
+    completions = args.prompts * args.generations
 
     class Clock(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            timer["gen"] = TimedGenerate(pl_module.model, pl_module.tokenizer.eos_token_id)
-            pl_module.model.generate = timer["gen"]
-
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             dt = tick()
-            call = timer["gen"].calls[-1]
             stats = pl_module.last_step_stats
-            steps.append({"seconds": dt, "generate": call["seconds"], "completions": call["completions"],
-                          "tokens": call["tokens"], "reward": stats["train/reward"],
+            steps.append({"seconds": dt, "generate": stats["time/generate"], "completions": completions,
+                          "tokens": round(stats["train/completion_length"] * completions), "reward": stats["train/reward"],
                           "zero_spread": stats["train/zero_spread_groups"]})
 
     L.seed_everything(args.seed, verbose=False)
     module = GRPOModule(
-        base=BaseModelSettings(name_or_path="tiny"), lora=lora_settings(args.adapter),
+        base=BaseModelSettings(name_or_path=args.model, dtype=args.dtype), lora=lora_settings(args.adapter),
         generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
         rollout=RolloutSettings(num_generations=args.generations, temperature=args.temperature, top_p=1.0,
                                 max_new_tokens=args.max_new_tokens),
@@ -254,16 +257,17 @@ def worker_grpo_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from prouie_pl.chat import stop_token_ids
     from prouie_pl.formats import build_prompt
-    from prouie_pl.modeling import load_tokenizer, resolve_model_path
+    from prouie_pl.modeling import load_tokenizer, resolve_dtype, resolve_model_path
     from prouie_pl.rewards import completion_token_ends, sfr_reward
 
-    path = resolve_model_path("tiny")
-    tok = load_tokenizer("tiny")
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(args.model)
     tok.padding_side = "left"
     records = select_records(args)
     rows = [{"prompt": [{"role": "user", "content": build_prompt(r, "concise")}], "record_index": i} for i, r in enumerate(records)]
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype))
     model = PeftModel.from_pretrained(base, args.adapter, is_trainable=True)
     last: dict = {}
 
@@ -299,7 +303,7 @@ def worker_grpo_trl(args) -> dict:
     )
     trainer = GRPOTrainer(model=model, reward_funcs=outcome_reward, args=cfg, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, callbacks=[Clock()])
-    timer["gen"] = TimedGenerate(trainer.model, tok.eos_token_id)
+    timer["gen"] = TimedGenerate(trainer.model, stop_token_ids(tok, getattr(base, "generation_config", None)))
     trainer.model.generate = timer["gen"]
     trainer.train()
     return {"steps": [s for s in steps if s["seconds"] is not None][args.warmup - 1:]}
@@ -325,6 +329,7 @@ def run_worker(args) -> None:
         args.tmp = tmp
         result = WORKERS[(args.worker, args.side)](args)
     result["threads"] = torch.get_num_threads()
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -367,6 +372,11 @@ def sft_metrics(res: dict) -> dict:
     return {"tok_s": tokens / secs, "padding": 1 - tokens / sum(s["positions"] for s in steps), "step": secs / len(steps)}
 
 
+def peak_rss(res: dict) -> float:
+    """Peak resident memory of the run's process, MB."""
+    return float(res["peak_rss_mb"])
+
+
 def grpo_metrics(res: dict) -> dict:
     steps = res["steps"]
     secs = sum(s["seconds"] for s in steps)
@@ -380,6 +390,8 @@ def grpo_metrics(res: dict) -> dict:
 
 def build_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", help="base model on both sides: tiny or gemma-3-270m (or a local folder)")
+    ap.add_argument("--dtype", default=None, help="frozen base dtype on both sides (default: float32 for tiny, auto otherwise)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per side and workload (interleaved)")
     ap.add_argument("--records", type=int, default=64, help="records per data set (stratified, seeded)")
     ap.add_argument("--batch_size", type=int, default=8, help="SFT batch size")
@@ -406,6 +418,7 @@ def build_args(argv):
     args = ap.parse_args(argv)
     if args.warmup < 2:
         ap.error("--warmup must be at least 2 (the step clock starts at the end of the first step)")
+    args.dtype = args.dtype or ("float32" if args.model == "tiny" else "auto")
     return args
 
 
@@ -425,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from prouie_pl.modeling import resolve_model_path
 
-    resolve_model_path("tiny")  # build the tiny model once, outside the timed runs
+    resolve_model_path(args.model)  # build or convert the model once, outside the timed runs
     load_start = os.getloadavg()[0]
     t_start = time.perf_counter()
     cleaned, skip = [], False  # the workers' arguments: everything but --out, --only, --repeats
@@ -463,23 +476,27 @@ def main(argv: list[str] | None = None) -> int:
         f"`{cmd}`; {versions}; torch threads {', '.join(map(str, threads))}; load average {load_start:.1f} at start; "
         f"total {total / 60:.1f} min.",
         "",
-        f"Same work on both sides: tiny offline Llama (`tiny`), LoRA r=16 / alpha 32 / dropout 0 on every linear layer, "
-        f"float32, no gradient checkpointing; data {', '.join(DATASETS)} train, {args.records} records per data set "
+        f"Same work on both sides: base `{args.model}` (frozen weights {args.dtype}), LoRA r=16 / alpha 32 / dropout 0 on "
+        f"every linear layer in float32, no gradient checkpointing; data {', '.join(DATASETS)} train, {args.records} records per data set "
         f"(stratified, seed {args.seed}), concise targets. {args.repeats} run(s) per side, alternating "
         f"(SFT: {', '.join(SIDES['sft'])}, ...; GRPO: {', '.join(SIDES['grpo'])}, ...), each a fresh process with "
         f"{args.warmup} untimed step(s) first. The headline ratios compare each side's defaults (`prouie-pl` against "
         "`trl`); the extra rows show how much of the gap one difference explains: `trl-grouped` is TRL with "
         "`train_sampling_strategy=\"group_by_length\"`, `prouie-pl-noskip` runs the backward pass of every completion.",
     ]
+    real = args.model != "tiny"
+    sft_target = "target on the real model at least 2x" if real else "target at least 1.5x"
+    grpo_target = "target on the real model at least 2.5x completions/s" if real else "targets at least 1.5x"
     if "sft" in workloads:
         rows, pairs = [], []
-        med = {}
+        med, rss = {}, {}
         for side in SIDES["sft"]:
             ms = [sft_metrics(r) for r in runs["sft"][side]]
             med[side] = statistics.median(m["tok_s"] for m in ms)
+            rss[side] = statistics.median(peak_rss(r) for r in runs["sft"][side])
             rows.append([side, len(runs["sft"][side]), args.sft_steps, statistics.median(m["step"] for m in ms),
                          f"{100 * statistics.median(m['padding'] for m in ms):.1f}%",
-                         ", ".join(f"{m['tok_s']:,.0f}" for m in ms), med[side]])
+                         ", ".join(f"{m['tok_s']:,.0f}" for m in ms), med[side], rss[side]])
         pairs = [sft_metrics(a)["tok_s"] / sft_metrics(b)["tok_s"] for a, b in zip(runs["sft"]["prouie-pl"], runs["sft"]["trl"])]
         ratio = med["prouie-pl"] / med["trl"]
         ratio_grouped = med["prouie-pl"] / med["trl-grouped"]
@@ -491,21 +508,23 @@ def main(argv: list[str] | None = None) -> int:
             "token ids and labels, default random batches, its default logging (loss, entropy, token accuracy).",
             "",
             markdown_table(["side", "runs", "measured steps", "median step s", "median padding", "non-pad tok/s per run",
-                            "median non-pad tok/s"], rows),
+                            "median non-pad tok/s", "median peak RSS MB"], rows),
             "",
-            f"**ProUIE-PL / TRL, SFT non-padding tokens/s (ratio of medians): {ratio:.2f}x** (target at least 1.5x); "
+            f"**ProUIE-PL / TRL, SFT non-padding tokens/s (ratio of medians): {ratio:.2f}x** ({sft_target}); "
             f"per pair: {', '.join(f'{p:.2f}x' for p in pairs)}. Against TRL with length-grouped batches too: "
-            f"{ratio_grouped:.2f}x.",
+            f"{ratio_grouped:.2f}x. **Peak RSS, ProUIE-PL / TRL: {rss['prouie-pl'] / rss['trl']:.2f}**"
+            + (" (target on the real model at most 0.33)." if real else "."),
         ]
     if "grpo" in workloads:
         rows = []
-        med = {}
+        med, rss = {}, {}
         for side in SIDES["grpo"]:
             ms = [grpo_metrics(r) for r in runs["grpo"][side]]
             med[side] = {k: statistics.median(m[k] for m in ms) for k in ms[0]}
+            rss[side] = statistics.median(peak_rss(r) for r in runs["grpo"][side])
             rows.append([side, len(ms), med[side]["step"], med[side]["generate"], med[side]["rest"],
                          f"{100 * med[side]['generate'] / med[side]['step']:.0f}%", med[side]["comp_s"], med[side]["tok_s"],
-                         med[side]["length"], med[side]["reward"], f"{100 * med[side]['zero_spread']:.0f}%"])
+                         med[side]["length"], med[side]["reward"], f"{100 * med[side]['zero_spread']:.0f}%", rss[side]])
         pair_c = [grpo_metrics(a)["comp_s"] / grpo_metrics(b)["comp_s"] for a, b in zip(runs["grpo"]["prouie-pl"], runs["grpo"]["trl"])]
         pair_t = [grpo_metrics(a)["tok_s"] / grpo_metrics(b)["tok_s"] for a, b in zip(runs["grpo"]["prouie-pl"], runs["grpo"]["trl"])]
         rc = med["prouie-pl"]["comp_s"] / med["trl"]["comp_s"]
@@ -518,14 +537,16 @@ def main(argv: list[str] | None = None) -> int:
             f"top-p 1, at most {args.max_new_tokens} new tokens, beta 0, one pass per batch, dapo aggregation, "
             f"lr {args.grpo_lr}, outcome reward (F1 + format term) on both sides, from the same adapter "
             f"({args.warmup_adapter_steps} ProUIE-PL SFT steps on the same records); {args.grpo_steps} measured steps per "
-            "run. Medians over runs; `rest` is the step minus `generate` (log-probs, loss, backward, optimizer, rewards, "
-            "the trainer's own work).",
+            "run. Medians over runs; `generate s` is the rollout time (ProUIE-PL: each prompt prefilled once, then "
+            "`generate`; TRL: its `generate`), `rest` is the step minus that (log-probs, loss, backward, optimizer, "
+            "rewards, the trainer's own work).",
             "",
             markdown_table(["side", "runs", "step s", "generate s", "rest s", "generate share", "completions/s",
-                            "completion tokens/s", "mean completion tokens", "mean reward", "zero-spread groups"], rows),
+                            "completion tokens/s", "mean completion tokens", "mean reward", "zero-spread groups",
+                            "median peak RSS MB"], rows),
             "",
             f"**ProUIE-PL / TRL, GRPO completions/s (ratio of medians): {rc:.2f}x; completion tokens/s: {rt:.2f}x** "
-            f"(targets at least 1.5x); per pair, completions/s: {', '.join(f'{p:.2f}x' for p in pair_c)}; "
+            f"({grpo_target}); peak RSS ProUIE-PL / TRL {rss['prouie-pl'] / rss['trl']:.2f}; per pair, completions/s: {', '.join(f'{p:.2f}x' for p in pair_c)}; "
             f"completion tokens/s: {', '.join(f'{p:.2f}x' for p in pair_t)}.",
             "",
             "ProUIE-PL leaves completions whose group has no reward spread out of the backward pass (beta 0: their loss "
@@ -533,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             "such groups is in the last column); TRL computes them. Without the skip (`prouie-pl-noskip`): "
             f"{rc_all:.2f}x completions/s and {rt_all:.2f}x completion tokens/s against TRL.",
         ]
-    write_result("compare_trl.md", "ProUIE-PL vs TRL on the same work (tiny model, CPU)", "\n".join(parts), args.out)
+    where = "tiny model" if args.model == "tiny" else args.model
+    write_result("compare_trl.md", f"ProUIE-PL vs TRL on the same work ({where}, CPU)", "\n".join(parts), args.out)
     return 0
 
 

@@ -37,9 +37,12 @@ The same model, data and batch size trained through the data module's length-gro
 shuffled ones, alternating epochs. "padding share" is padded positions over all positions; the ratio compares
 non-padding tokens per second (the work that counts), by wall clock and by process CPU time."""),
     ("grpo_step", "Where a GRPO step's time goes", "python bench/grpo_step.py", """\
-Seconds per `GRPOModule` step split by the module's own timers into sampling (`generate`), SFR rewards and
-advantages (`reward`), the no-grad reference pass (`reference`, only with beta > 0) and forward, backward and
-optimizer step (`policy`). The target was a reward share below 5 % of a step."""),
+Rollouts with each prompt prefilled once (its KV cache repeated for its G completions) against prompts repeated G
+times, on the same batches; then seconds per `GRPOModule` step, per prefill mode, split by the module's own timers
+into rollouts (`generate`), SFR rewards and advantages (`reward`), the no-grad reference pass (`reference`, only
+with beta > 0) and forward, backward and optimizer step (`policy`). `--model gemma-3-270m` runs it on the real
+model and the real IE prompts. The targets: a reward share below 5 % of a step, and at least 1.5x rollout
+completions/s from the shared prefill on the real model at P=4, G=8."""),
     ("kernels_cpu", "Kernels on the CPU (PyTorch references; Triton under the interpreter is for correctness only)",
      "python bench/kernel_speed.py --device cpu --threads 1", """\
 Time and peak extra memory of the LM-head log-prob paths, the GRPO loss and the advantage functions. "x matmul" is
