@@ -29,7 +29,8 @@ warm-up, so DE simply runs until its ``max_time``.
 Data: a seeded sample of ``--train`` training sentences per data set (one pool for every arm), the first
 ``--test`` test sentences (as ``real_model_learning.py``), a 16-sentence dev sample that nothing here uses (no
 tuning, no validation: every stage hands on its last adapter).  Each stage runs through
-``prouie_pl.pipeline.run_stage``: the frozen base trains in the dtype ``base.dtype: auto`` picks and is cast to
+``prouie_pl.pipeline.run_stage``: the frozen base trains in the dtype its config names (SFT: ``auto``, bf16 on a
+CPU with AVX512-BF16; DE, nearly all sampling: float32, which samples faster there) and is cast to
 float32 for greedy test decoding (``test_dtype: float32``); ``run_stage`` always decodes, so stages that end no
 arm decode one test sentence per data set.  Intervals come from a paired bootstrap: test sentences resampled
 within each data set, the same draws for every arm.  Finished stages in ``--work-dir`` are reused on a rerun.
@@ -145,7 +146,7 @@ def config_data(model: str, kind: str) -> dict:
 
 def data_options(kind: str, args, data_dir: Path, seed: int, n_tasks: int) -> dict:
     o = {"seed_everything": seed, "data.seed": seed, "data.data_dir": str(data_dir), "data.datasets": args.datasets,
-         "data.max_train_records": args.train, "data.max_val_records": 0, "model.init_args.base.dtype": "auto",
+         "data.max_train_records": args.train, "data.max_val_records": 0,
          "trainer.enable_progress_bar": False, "trainer.enable_checkpointing": False}
     if kind == "mixed":
         o.update({"data.schedule": "mixed", "data.epochs_per_phase": 1, "data.target_format": "concise"})
