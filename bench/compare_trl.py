@@ -168,7 +168,6 @@ def worker_sft_ours(args) -> dict:
 
 
 def worker_sft_trl(args, grouped: bool = False) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
