@@ -16,6 +16,7 @@ from typing import Optional
 import lightning as L
 import torch
 
+from ..reports import parse_failures
 from ..scoring import Scorer, overall_f1, task_scores
 
 
@@ -87,8 +88,7 @@ class GenerationEvaluator(L.Callback):
         pl_module.log(f"{prefix}/f1", float(report["overall_f1"]), prog_bar=True, sync_dist=False)
         for task, f1 in task_scores(report).items():
             pl_module.log(f"{prefix}/f1_{task}", float(f1), sync_dist=False)
-        # a data set appears under several metrics of its task; count its failures once
-        fails = sum(v["parse_failures"] for m, t in report["tasks"].items() if m in ("NER", "RE_strict", "EE_trigger") for v in t["datasets"].values())
+        fails = parse_failures(report)
         pl_module.log(f"{prefix}/parse_failure_rate", fails / n, sync_dist=False)
         pl_module.log(f"{prefix}/truncated_rate", report["truncated_outputs"] / n, sync_dist=False)
 
