@@ -15,16 +15,15 @@ import torch
 
 from prouie_pl.decoding import (Completions, Sampling, completion_mask, decode_batch, decode_prompts, iter_decode, left_pad,
                                 length_batches, prefill_shared_cache)
+from training_helpers import single_thread
 
 PAD = 0
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import prouie_pl.grpo.module as grpo_module
-from training_helpers import REPO, assert_config_error, column, dequantised_base, stage_config
+from training_helpers import REPO, assert_config_error, column, dequantised_base, single_thread, stage_config
 from prouie_pl.lightning_cli import build_cli
 from prouie_pl.reports import latest_metrics
 
@@ -29,12 +29,8 @@ QUIET = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": F
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One thread and torch's deterministic algorithms: with the configs' seeds, every run here repeats itself."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    with single_thread(deterministic=True):
+        yield
 
 
 class StepStats(L.Callback):

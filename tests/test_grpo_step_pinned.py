@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import prouie_pl.grpo.module as grpo_module
 from helpers import ner, rel
-from training_helpers import write_subset
+from training_helpers import single_thread, write_subset
 
 NER_LABELS = ["person", "organization", "location"]
 RE_LABELS = ["work for", "live in"]
@@ -77,12 +77,8 @@ PINNED = {
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    with single_thread(deterministic=True):
+        yield
 
 
 @pytest.fixture(scope="module")

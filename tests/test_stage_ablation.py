@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -17,16 +16,15 @@ sys.path.insert(0, str(REPO / "bench"))
 import _bootstrap  # noqa: E402
 import _common  # noqa: E402
 import stage_ablation as sa  # noqa: E402
+from training_helpers import single_thread  # noqa: E402
 
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One thread: on a small shared machine a second one mostly waits (and the fit test is about steps, not speed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 CAL = {"full": {"s_per_token": 1e-3}, "concise": {"s_per_token": 5e-4},

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +89,18 @@ def dequantised_base(model) -> dict[str, torch.Tensor]:
                 data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
             out[name] = F.dequantize_4bit(data, state).float()
     return out
+
+
+@contextmanager
+def single_thread(deterministic: bool = False):
+    """One torch thread (and, if asked, torch's deterministic algorithms) for the duration; restored after."""
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was_deterministic)
+
