@@ -134,20 +134,18 @@ def answer_summary(stage_dir: Path, records, per_task: int = 2) -> dict:
     examples: dict[str, list] = {}
     path = stage_dir / "predictions.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
-    for row in rows:
-        rec = by_uid.get((row["task"], row["dataset"], row["index"]))
-        out = row.get("output") or ""
+    keyed = sorted(((row["task"], row["dataset"], row["index"]), row.get("output") or "") for row in rows)
+    for uid, out in keyed:
+        rec = by_uid.get(uid)
         if not out.strip():
             blank += 1
         elif rec is not None and not parse_output(out, rec.task, rec.schema).units:
             no_units += 1
-    for row in sorted(rows, key=lambda r: (r["task"], r["dataset"], r["index"])):
-        rec = by_uid.get((row["task"], row["dataset"], row["index"]))
-        items = examples.setdefault(row["task"], [])
+        items = examples.setdefault(uid[0], [])
         if rec is None or len(items) >= per_task or (items and items[0]["dataset"] != rec.dataset):
             continue
         items.append({"dataset": rec.dataset, "index": rec.index, "sentence": rec.sentence,
-                      "gold": render_target(rec, "concise"), "prediction": row.get("output") or ""})
+                      "gold": render_target(rec, "concise"), "prediction": out})
     return {"answers": len(rows), "blank_answers": blank, "answers_without_structures": no_units, "examples": examples}
 
 
@@ -162,6 +160,7 @@ def _finish(stage: str, stage_dir: Path, cli, info: dict, t0: float) -> dict:
 
 def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype: str) -> dict:
     """The base model before any training (a fresh LoRA adapter is the identity), same prompts as ``config_path``."""
+    from .callbacks import StageCost
     from .lightning_cli import build_cli
 
     t0 = time.perf_counter()
@@ -169,7 +168,7 @@ def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype
     args += ["--model.init_args.lora.init_adapter", "null"]
     cli = build_cli(args, run=False)
     info = {"stage": ZERO_SHOT, "config": config_path, "overrides": overrides, "init_adapter": None,
-            "cost": {"seconds": 0.0, "steps": 0, "tokens": 0, "answer_tokens": 0, "completions": 0}}
+            "cost": StageCost().summary()}  # nothing trained
     info["test_seconds"] = _test_decode(cli, test_dtype)
     return _finish(ZERO_SHOT, stage_dir, cli, info, t0)
 

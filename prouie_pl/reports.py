@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .scoring import METRICS, task_scores
+from .scoring import METRICS, overall_f1, task_scores
 
 STAGE_NAMES = {"zero_shot": "zero-shot", "cm": "CM", "sa": "CM+SA", "de": "CM+SA+DE"}
 HEADLINE = ("NER", "RE_strict", "EE_trigger", "EE_argument")
@@ -23,8 +23,16 @@ def parse_failures(report: dict) -> int:
 
 
 def overall(report: dict) -> float:
-    scores = task_scores(report)
-    return round(sum(scores.values()) / max(1, len(scores)), 2)
+    return round(overall_f1(report), 2)
+
+
+def cumulative_seconds(reports: dict[str, dict], infos: dict[str, dict]) -> list[float]:
+    """Wall seconds up to the end of each stage (training + test decoding), in the stages' order."""
+    out, total = [], 0.0
+    for s in reports:
+        total += float(infos.get(s, {}).get("seconds", 0.0))
+        out.append(round(total, 1))
+    return out
 
 
 def latest_metrics(stage_dir: Path) -> list[dict]:
@@ -67,13 +75,12 @@ def cost_table(reports: dict[str, dict], infos: dict[str, dict]) -> tuple[list[s
     """One row per stage: what it cost (training), what decoding the test split took, and its answers."""
     headers = ["stage", "train s", "optimizer steps", "training tokens", "GRPO completions", "test decode s",
                "cumulative s", "overall F1", "parse failures", "blank answers", "answers without structures"]
-    rows, total = [], 0.0
-    for s in reports:
+    rows = []
+    for s, total in zip(reports, cumulative_seconds(reports, infos)):
         info = infos.get(s, {})
         cost = info.get("cost", {})
-        total += float(info.get("seconds", 0.0))
         rows.append([STAGE_NAMES.get(s, s), cost.get("seconds", 0.0), cost.get("steps", 0), cost.get("tokens", 0),
-                     cost.get("completions", 0), info.get("test_seconds", 0.0), round(total, 1), overall(reports[s]),
+                     cost.get("completions", 0), info.get("test_seconds", 0.0), total, overall(reports[s]),
                      parse_failures(reports[s]), info.get("blank_answers", 0), info.get("answers_without_structures", 0)])
     return headers, rows
 
@@ -201,10 +208,7 @@ def plot_f1_against_compute(out_dir: Path, reports: dict[str, dict], infos: dict
     """Overall and per-task test F1 against cumulative wall seconds (training + test decoding), one point per stage."""
     import matplotlib.pyplot as plt
 
-    xs, total = [], 0.0
-    for s in reports:
-        total += float(infos.get(s, {}).get("seconds", 0.0))
-        xs.append(total / 60.0)
+    xs = [t / 60.0 for t in cumulative_seconds(reports, infos)]
     if len(xs) < 2:
         return []
     fig, ax = plt.subplots(figsize=(7, 4))
