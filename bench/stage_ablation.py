@@ -267,14 +267,6 @@ def headline(report: dict) -> dict[tuple[str, str], float]:
     return {**cells, ("overall", ""): overall_f1(report)}
 
 
-def headline(report: dict) -> dict[tuple[str, str], float]:
-    from prouie_pl.scoring import overall_f1
-
-    t = report["tasks"]
-    cells = {(ds, m): t[m]["datasets"][ds]["f1"] for m in HEADLINE if m in t for ds in t[m]["datasets"]}
-    return {**cells, ("overall", ""): overall_f1(report)}
-
-
 def score_tables(args, runs: dict, diffs: dict) -> str:
     reports = {a: [r["arms"][a]["report"] for r in runs.values()] for a in ARMS}
     mean = {a: {k: statistics.mean(headline(r)[k] for r in reports[a]) for k in headline(reports[a][0])} for a in ARMS}
