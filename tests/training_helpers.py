@@ -11,6 +11,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+QUIET_TRAINER = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
 
 
 def write_subset(records_by_dataset: dict, root: Path) -> Path:

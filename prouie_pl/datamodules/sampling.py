@@ -17,44 +17,52 @@ from ..schema import Record, count_units
 _BINS = (0, 1, 2, 3, 4, 6)
 
 
-def unit_bin(record: Record) -> int:
-    n = count_units(record)
+def unit_bin(units: int) -> int:
+    """The bin of a record with ``units`` structural units."""
+    n = units
     for i in range(len(_BINS) - 1, -1, -1):
         if n >= _BINS[i]:
             return i
     return 0
 
 
-def stratified_sample(records: Sequence[Record], per_dataset: Optional[int] = None, fraction: Optional[float] = None,
-                      seed: int = 0) -> list[Record]:
-    """Sample per data set, stratified by unit-count bin.  Exactly one of ``per_dataset`` / ``fraction``."""
+def stratified_indices(groups: Sequence, units: Sequence[int], per_dataset: Optional[int] = None,
+                       fraction: Optional[float] = None, seed: int = 0) -> list[int]:
+    """Positions of the sample, in their original order: ``groups[i]`` is row i's ``(task, data set)`` and
+    ``units[i]`` its number of structural units.  Exactly one of ``per_dataset`` / ``fraction``."""
     if (per_dataset is None) == (fraction is None):
         raise ValueError("give exactly one of data.sample_per_dataset and data.sample_fraction")
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ValueError(f"data.sample_fraction must lie in (0, 1], not {fraction}")
     if per_dataset is not None and per_dataset < 1:
         raise ValueError(f"data.sample_per_dataset must be >= 1, not {per_dataset}")
-    by_ds: dict[tuple[str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        by_ds[(r.task, r.dataset)].append(r)
-    out: list[Record] = []
-    for (task, ds), recs in by_ds.items():
-        n = per_dataset if per_dataset is not None else max(1, round(fraction * len(recs)))
-        if n > len(recs):
+    by_ds: dict = defaultdict(list)
+    for i, g in enumerate(groups):
+        by_ds[tuple(g)].append(i)
+    out: list[int] = []
+    for (task, ds), rows in by_ds.items():
+        n = per_dataset if per_dataset is not None else max(1, round(fraction * len(rows)))
+        if n > len(rows):
             raise ValueError(
-                f"data.sample_per_dataset={n} is larger than the {len(recs)} training records of {task}/{ds}; "
+                f"data.sample_per_dataset={n} is larger than the {len(rows)} training records of {task}/{ds}; "
                 "lower it, use data.sample_fraction, or add data"
             )
         rng = random.Random(f"{seed}/{task}/{ds}")
-        bins: dict[int, list[Record]] = defaultdict(list)
-        for r in recs:
-            bins[unit_bin(r)].append(r)
-        quotas = {b: n * len(v) / len(recs) for b, v in bins.items()}
+        bins: dict[int, list[int]] = defaultdict(list)
+        for i in rows:
+            bins[unit_bin(units[i])].append(i)
+        quotas = {b: n * len(v) / len(rows) for b, v in bins.items()}
         take = {b: int(q) for b, q in quotas.items()}
         left = n - sum(take.values())
         for b in sorted(quotas, key=lambda b: (-(quotas[b] - take[b]), b))[:left]:
             take[b] += 1
         for b in sorted(bins):
             out.extend(rng.sample(bins[b], take[b]))
-    order = {id(r): i for i, r in enumerate(records)}
-    return sorted(out, key=lambda r: order[id(r)])
+    return sorted(out)
+
+
+def stratified_sample(records: Sequence[Record], per_dataset: Optional[int] = None, fraction: Optional[float] = None,
+                      seed: int = 0) -> list[Record]:
+    """Sample per data set, stratified by unit-count bin.  Exactly one of ``per_dataset`` / ``fraction``."""
+    idx = stratified_indices([(r.task, r.dataset) for r in records], [count_units(r) for r in records], per_dataset, fraction, seed)
+    return [records[i] for i in idx]

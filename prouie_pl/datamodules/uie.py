@@ -24,21 +24,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..demo_data import DATA_DIR_ALIASES
-from ..formats import check_format, example
-from ..reader import DataError, LoadReport, load_records
+from ..formats import check_format
+from ..reader import DataError, LoadReport
 from ..schema import Record
-from .batching import (
-    LengthGroupedBatchSampler,
-    PromptDataset,
-    ResumableDataLoader,
-    SFTDataset,
-    chat_prompt_ids,
-    collate_prompts,
-    collate_sft,
-    encode_sft,
-)
+from ..sources import SourceSpec, load_rows, resolve_sources, rows_to_records, source_specs
+from .batching import LengthGroupedBatchSampler, PromptDataset, ResumableDataLoader, chat_prompt_ids, collate_prompts, collate_sft
 from .curriculum import Curriculum, Phase
-from .sampling import stratified_sample
+from .sampling import stratified_indices
+from .tokenized import ArrowSFTDataset, encode_rows
 
 STAGE_FORMAT = {"cm": "full", "sa": "concise", "de": "concise"}
 
@@ -60,7 +53,10 @@ class UIEDataModule(L.LightningDataModule):
 
     Args:
         data_dir: root of the IE INSTRUCTIONS layout, ``demo`` for the embedded synthetic demo data, or ``demo_real``
-            for the embedded subsets of three public benchmarks (``prouie_pl/demo_data/real/LICENSES.md``).
+            for the embedded subsets of three public benchmarks (``prouie_pl/demo_data/real/LICENSES.md``);
+            ignored when ``sources`` is given.
+        sources: data sources (:class:`prouie_pl.sources.SourceSpec`): IE INSTRUCTIONS folders, ``load_dataset``
+            sources with a column mapping, CoNLL / BIO files or token + tag data sets.
         stage: ``cm`` (curriculum SFT, full format), ``sa`` (sampled SFT, concise) or ``de`` (GRPO prompts).
         tasks: tasks to use (NER, RE, EE); default all present.
         datasets: data sets by ``Name`` or ``TASK/Name``; default all.
@@ -83,6 +79,8 @@ class UIEDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         predict_split: split decoded by ``predict``.
         seed: seed of sampling, shuffling and label shuffling.
+        cache_dir: where ``datasets`` caches validated rows and token ids (default its own, ``HF_DATASETS_CACHE``).
+        num_proc: processes for tokenising (``Dataset.map``); default one.
     """
 
     def __init__(
@@ -110,6 +108,9 @@ class UIEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         predict_split: Literal["train", "dev", "test"] = "test",
         seed: int = 42,
+        sources: Optional[list[SourceSpec]] = None,
+        cache_dir: Optional[str] = None,
+        num_proc: Optional[int] = None,
     ):
         super().__init__()
         if stage not in STAGE_FORMAT:
@@ -138,18 +139,26 @@ class UIEDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.predict_split = predict_split
         self.seed = seed
+        self.sources = sources
+        self.cache_dir = cache_dir
+        self.num_proc = num_proc
         if stage == "cm" and (sample_per_dataset is not None or sample_fraction is not None):
             raise ValueError("data.sample_per_dataset / data.sample_fraction apply to the sa and de stages; CM trains on the full data")
         if stage == "sa" and sample_per_dataset is None and sample_fraction is None:
             raise ValueError("the sa stage needs data.sample_per_dataset or data.sample_fraction")
         self._tokenizer = None
-        self.train_records: list[Record] = []
+        self._sets = None
+        self.train_parts: list = []  # (SourceSet, rows) per data set: the training rows, memory-mapped
+        self._train_records: Optional[list[Record]] = None
+        self._task: list[str] = []
+        self._group: list[tuple[str, str]] = []
+        self._units: list[int] = []
         self.val_records: list[Record] = []
         self.test_records: list[Record] = []
         self.predict_records: list[Record] = []
         self.curriculum: Optional[Curriculum] = None
         self.stats: Counter = Counter()
-        self._encoded_cache: dict = {}
+        self._encoded: dict = {}
         self._announced_phase: Optional[int] = None
         self.load_report = LoadReport()
 
@@ -172,23 +181,61 @@ class UIEDataModule(L.LightningDataModule):
     def tokenizer(self, tok) -> None:
         self._tokenizer = tok
 
+    def source_sets(self):
+        """The selected data sets of ``sources`` (or of ``data_dir``), resolved once."""
+        if self._sets is None:
+            specs = self.sources if self.sources else source_specs(resolve_data_dir(self.data_dir), None)
+            self._sets = resolve_sources(specs, self.cache_dir, self.tasks, self.datasets)
+        return self._sets
+
+    def _rows(self, split: str, cap: Optional[int]) -> list:
+        if cap is not None and cap < 0:
+            raise DataError(f"a record cap must be >= 0, not {cap}")
+        return load_rows(self.source_sets(), split, cap, self.on_error, self.load_report)
+
     def _load(self, split: str, cap: Optional[int]) -> list[Record]:
-        return load_records(resolve_data_dir(self.data_dir), split, self.tasks, self.datasets, cap, self.on_error, self.load_report)
+        if cap == 0:
+            return []
+        return [r for s, rows in self._rows(split, cap) for r in rows_to_records(rows, {(s.task, s.name): s.schema}, split)]
+
+    @property
+    def train_records(self) -> list[Record]:
+        """The training records as objects (built on first use; training itself reads the Arrow rows)."""
+        if self._train_records is None:
+            self._train_records = [r for s, rows in self.train_parts
+                                   for r in rows_to_records(rows, {(s.task, s.name): s.schema}, "train")]
+        return self._train_records
+
+    def _row_columns(self) -> None:
+        """Per training row (all data sets in order): its task, ``(task, data set)`` and unit count."""
+        self._task, self._group, self._units = [], [], []
+        for s, rows in self.train_parts:
+            self._task.extend([s.task] * len(rows))
+            self._group.extend([(s.task, s.name)] * len(rows))
+            self._units.extend(rows["units"])
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            if not self.train_records:
-                records = self._load("train", self.max_train_records)
-                if not records:
-                    raise DataError(f"no training records under {self.data_dir} for the selected tasks/datasets")
+            if not self.train_parts:
+                parts = self._rows("train", self.max_train_records)
+                if not sum(len(rows) for _, rows in parts):
+                    raise DataError(f"no training records under {self.data_dir if not self.sources else 'data.sources'} for the selected tasks/datasets")
+                self.train_parts = parts
+                self._row_columns()
                 if self.stage in ("sa", "de") and (self.sample_per_dataset is not None or self.sample_fraction is not None):
-                    records = stratified_sample(records, self.sample_per_dataset, self.sample_fraction, self.seed)
-                self.train_records = records
+                    keep = stratified_indices(self._group, self._units, self.sample_per_dataset, self.sample_fraction, self.seed)
+                    offset, sampled = 0, []
+                    for s, rows in parts:
+                        mine = [i - offset for i in keep if offset <= i < offset + len(rows)]
+                        sampled.append((s, rows.select(mine)))
+                        offset += len(rows)
+                    self.train_parts, self._train_records = sampled, None
+                    self._row_columns()
                 if self.stage == "cm":
-                    present = sorted({r.task for r in records})
+                    present = sorted(set(self._task))
                     self.curriculum = Curriculum(self.schedule, present, self.epochs_per_phase, self.replay_fraction)
                     rank_zero_info(f"[prouie] CM curriculum {self.curriculum.describe()}")
-                rank_zero_info(f"[prouie] {self.stage} training records: " + ", ".join(f"{t}/{d} {n}" for (t, d), n in Counter((r.task, r.dataset) for r in records).items()))
+                rank_zero_info(f"[prouie] {self.stage} training records: " + ", ".join(f"{s.id} {len(rows)}" for s, rows in self.train_parts if len(rows)))
             if not self.val_records:
                 self.val_records = self._load("dev", self.max_val_records)
         if stage == "validate" and not self.val_records:
@@ -213,59 +260,64 @@ class UIEDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ training data
 
-    def phase_records(self, epoch: int) -> tuple[Optional[Phase], list[Record]]:
-        """Records trained in ``epoch`` (CM: the epoch's curriculum phase with replay)."""
+    def phase_rows(self, epoch: int) -> tuple[Optional[Phase], list[int]]:
+        """Positions (over all training rows, data sets in order) trained in ``epoch``: CM trains the epoch's
+        curriculum phase with replay, SA and DE every row."""
         if self.curriculum is None:
-            return None, list(self.train_records)
+            return None, list(range(len(self._task)))
         phase = self.curriculum.phase(epoch)
-        recs = [r for r in self.train_records if r.task in phase.tasks]
+        rows = [i for i, t in enumerate(self._task) if t in phase.tasks]
         if phase.replay_tasks and self.replay_fraction > 0:
             rng = random.Random(f"{self.seed}/replay/{epoch}")
             for task in phase.replay_tasks:
-                pool = [r for r in self.train_records if r.task == task]
+                pool = [i for i, t in enumerate(self._task) if t == task]
                 k = int(round(self.replay_fraction * len(pool)))
-                recs.extend(rng.sample(pool, k))
-        return phase, recs
+                rows.extend(rng.sample(pool, k))
+        return phase, rows
 
-    def _encode(self, records: list[Record], epoch: int) -> SFTDataset:
-        tok = self.tokenizer
-        rng = random.Random(f"{self.seed}/labels/{epoch}")
-        out = []
-        for rec in records:
-            key = (rec.uid, self.format)
-            enc = None if self.shuffle_labels else self._encoded_cache.get(key)
-            if enc is None:
-                prompt, target = example(rec, self.format, self.shuffle_labels, rng)
-                enc = encode_sft(tok, prompt, target, self.max_seq_length)
-                if not self.shuffle_labels:
-                    self._encoded_cache[key] = enc if enc is not None else False
-            if enc is False or enc is None:
-                self.stats["dropped: prompt longer than max_seq_length"] += 1
-                continue
-            if enc.truncated:
-                self.stats["answer cut at max_seq_length"] += 1
-            out.append(enc)
-        return SFTDataset(out)
+    def encoded(self, epoch: int):
+        """Token ids of every training row (one Arrow table, data sets in order), cached by ``datasets``; with
+        ``shuffle_labels`` each epoch has its own label orders."""
+        from datasets import concatenate_datasets
+
+        shuffle_seed = f"{self.seed}/labels/{epoch}" if self.shuffle_labels else None
+        if shuffle_seed not in self._encoded:
+            parts = [encode_rows(rows, self.tokenizer, s.schema, self.format, self.max_seq_length, shuffle_seed, self.num_proc)
+                     for s, rows in self.train_parts if len(rows)]
+            table = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+            self._encoded = {shuffle_seed: (table, table["dropped"], table["truncated"])}
+        return self._encoded[shuffle_seed]
+
+    def _sft_dataset(self, rows: list[int], epoch: int) -> ArrowSFTDataset:
+        table, dropped, truncated = self.encoded(epoch)
+        keep = [i for i in rows if not dropped[i]]
+        if len(keep) < len(rows):
+            self.stats["dropped: prompt longer than max_seq_length"] += len(rows) - len(keep)
+        cut = sum(1 for i in keep if truncated[i])
+        if cut:
+            self.stats["answer cut at max_seq_length"] += cut
+        return ArrowSFTDataset(table, keep)
 
     def train_dataloader(self):
         epoch = self._epoch()
-        phase, records = self.phase_records(epoch)
+        phase, rows = self.phase_rows(epoch)
         if phase is not None and self._announced_phase != self.curriculum.phase_index(epoch):
             self._announced_phase = self.curriculum.phase_index(epoch)
-            rank_zero_info(f"[prouie] epoch {epoch}: curriculum phase {self._announced_phase + 1}/{len(self.curriculum.phases)} ({phase.name}), {len(records)} records")
+            rank_zero_info(f"[prouie] epoch {epoch}: curriculum phase {self._announced_phase + 1}/{len(self.curriculum.phases)} ({phase.name}), {len(rows)} records")
         world, rank = self._world()
         if self.stage == "de":
-            dataset = self._prompts(records)
+            records = self.train_records
+            dataset = self._prompts([records[i] for i in rows])
             collate = collate_prompts(self.tokenizer.pad_token_id)
         else:
             self.stats.clear()
-            dataset = self._encode(records, epoch)
+            dataset = self._sft_dataset(rows, epoch)
             if self.stats:
                 rank_zero_info("[prouie] " + ", ".join(f"{n} {k}" for k, n in self.stats.items()))
             collate = collate_sft(self.tokenizer.pad_token_id)
         if len(dataset) == 0:
             raise DataError(f"no training examples left for epoch {epoch} (raise data.max_seq_length?)")
-        weights = dataset.answer_tokens() if isinstance(dataset, SFTDataset) else None
+        weights = dataset.answer_tokens() if isinstance(dataset, ArrowSFTDataset) else None
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         sampler = LengthGroupedBatchSampler(dataset.lengths(), self.batch_size, shuffle=True, group_by_length=self.group_by_length,
                                             seed=self.seed, epoch=epoch, num_replicas=world, rank=rank,
@@ -277,9 +329,9 @@ class UIEDataModule(L.LightningDataModule):
         return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, consumed=consumed)
 
     def batches_in_epoch(self, epoch: int) -> int:
-        _, records = self.phase_records(epoch)
+        _, rows = self.phase_rows(epoch)
         world, _ = self._world()
-        return max(1, math.ceil(math.ceil(len(records) / self.batch_size) / world))
+        return max(1, math.ceil(math.ceil(len(rows) / self.batch_size) / world))
 
     def planned_optimizer_steps(self, max_epochs: int, accumulate: int = 1) -> int:
         """Optimizer steps over ``max_epochs`` epochs (phases may differ in size), for LR schedules."""
