@@ -24,6 +24,23 @@ Shared prefixes: the decoder runs over every prompt token but the last with ``us
 to ``generate`` together with the repeated prompts, so ``generate`` itself runs only the last prompt token of
 each row before sampling.  Sampling is ``generate``'s own (its temperature and top-p processors, ``top_k``
 off), so both ways sample from the same distribution.
+
+Engines (``engine``): ``loop`` (the default) is this module's own decoding loop, :func:`decode_loop`.  It
+prefills as above (the shared cache and the last prompt token of each row, or the repeated prompts whole),
+then feeds one token a step with ``use_cache=True``, the attention mask and position ids kept as ``generate``
+keeps them for left-padded rows (position = cumsum(mask) - 1, one more each step; a mask of all ones is not
+passed at all), and asks the model for the logits of the last position only (``logits_to_keep=1``).  When rows
+stop, they leave the batch: the cache keeps only the live rows (``Cache.batch_select_indices``; a
+``DynamicSlidingWindowLayer`` selects along the batch like a full layer and keeps its one shared position
+count), and so do the input, mask and position tensors; each finished row's tokens stay in its own row of the
+output.  Rows that stopped early thus cost no more forward passes (nor the LM head, 262,144 wide for
+Gemma 3), where ``generate`` runs every row until the slowest one stops.  Greedy tokens are ``generate``'s
+(argmax of the float32 logits; a smaller batch can change a logit in its last bits, which matters only where
+two logits are all but tied, as between any two batch sizes in ``generate``); sampling applies ``generate``'s temperature and
+top-p warpers (top-k off) and draws with ``torch.multinomial`` from the softmax, the same distribution, though
+not the same draws once a row has left.  ``generate`` is ``model.generate`` as before; it is also what runs
+under a ``logits_processor`` whatever the engine (the schema-constrained processor keeps per-row state by
+batch row and reads the full ``input_ids``, so those batches never drop rows).
 """
 
 from __future__ import annotations
@@ -31,11 +48,14 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
 from .schema import LabelSchema
+
+ENGINES = ("loop", "generate")
+Engine = Literal["loop", "generate"]
 
 
 @dataclass(frozen=True)
@@ -152,39 +172,140 @@ def prefill_shared_cache(model, input_ids: torch.Tensor, attention_mask: torch.T
     return keyword, cache
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"decoding engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+
+
+def _lm_call_options(model) -> tuple[str, bool]:
+    """``(cache keyword, whether logits_to_keep is accepted)`` of the causal LM's own forward (through a PEFT
+    wrapper, whose forward passes keyword arguments on to it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _sampling_warpers(sampling: Sampling) -> list:
+    """The processors ``generate`` builds for ``do_sample=True, temperature, top_p, top_k=0``, in its order."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
+
+
+def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Sequence[int],
+                pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1, share_prefix: bool = True) -> torch.Tensor:
+    """New tokens ``[N, T]`` of a left-padded batch (rows ``i * G + j``), decoded step by step with finished rows
+    dropped from the batch and the KV cache (see the module docstring); ``T`` is the number of steps run (the
+    longest completion), a row's tokens after its first stop are ``pad_id``.  Call under ``torch.no_grad`` and
+    in eval mode (:func:`decode_batch` does)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be greater than 0, but is {max_new_tokens}")
+    keyword, keeps_logits = _lm_call_options(model)
+    g = num_samples
+    ids = input_ids.repeat_interleave(g, dim=0) if g > 1 else input_ids
+    mask = attention_mask.repeat_interleave(g, dim=0) if g > 1 else attention_mask
+    n, device = ids.shape[0], ids.device
+    # as generate: positions from the mask (padding at 0), and no mask at all where nothing is padded
+    positions = (mask.long().cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
+    pass_mask = not bool((mask == 1).all())
+    warpers = _sampling_warpers(sampling) if sampling is not None else []
+    stops = torch.as_tensor(list(stop_ids), dtype=ids.dtype, device=device)
+    extra: dict = {"logits_to_keep": 1} if keeps_logits else {}
+    if g > 1 and share_prefix and ids.shape[1] > 1:
+        _, cache = prefill_shared_cache(model, input_ids, attention_mask, g)
+        step_ids, step_pos = ids[:, -1:], positions[:, -1:]
+    else:  # the whole prompts, G copies each
+        cache, step_ids, step_pos = None, ids, positions
+    out = torch.full((n, max_new_tokens), pad_id, dtype=ids.dtype, device=device)
+    live = torch.arange(n, device=device)  # the output row of each row still in the batch
+    steps = 0
+    while True:
+        past = {keyword: cache} if cache is not None else {}
+        outputs = model(input_ids=step_ids, attention_mask=mask if pass_mask else None, position_ids=step_pos, use_cache=True,
+                        return_dict=True, **past, **extra)
+        cache = getattr(outputs, "cache", None)
+        if cache is None:
+            cache = getattr(outputs, "past_key_values", None)
+        scores = outputs.logits[:, -1].to(dtype=torch.float32)
+        del outputs
+        if sampling is None:
+            nxt = scores.argmax(dim=-1)
+        else:
+            for warper in warpers:
+                scores = warper(None, scores)
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        out[live, steps] = nxt
+        steps += 1
+        if steps == max_new_tokens:
+            break
+        going = ~torch.isin(nxt, stops)
+        n_going = int(going.sum())
+        if n_going == 0:
+            break
+        if cache is None:
+            raise RuntimeError(f"{type(model).__name__} returned no KV cache with use_cache=True; decode with engine='generate'")
+        if n_going < live.shape[0]:  # rows stopped: only the others go on, in the cache too
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, nxt, step_pos = live[keep], nxt[keep], step_pos[keep]
+            if pass_mask:
+                mask = mask[keep]
+        if pass_mask:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        step_ids, step_pos = nxt.unsqueeze(1), step_pos[:, -1:] + 1
+    return out[:, :steps]
+
+
 @torch.no_grad()
 def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Sequence[int],
                  pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1, share_prefix: bool = True,
-                 logits_processor=None) -> Completions:
+                 logits_processor=None, engine: Engine = "loop") -> Completions:
     """Completions of one left-padded batch: ``num_samples`` per prompt (rows ``i * G + j``), greedy when
-    ``sampling`` is None.  ``logits_processor`` (a transformers processor list) sees the rows as ``generate``
-    does, prompts repeated."""
+    ``sampling`` is None.
+
+    ``engine``: ``loop`` decodes with :func:`decode_loop`, rows leaving the batch as they stop; ``generate`` with
+    ``model.generate``, every row until the last one stops.  With a ``logits_processor`` (a transformers
+    processor list, such as the schema-constrained one) the batch always goes through ``generate``, whatever
+    ``engine`` says, and no row leaves it early: the processor sees the rows as ``generate`` gives them,
+    prompts repeated, every row at every step."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, not {num_samples}")
+    _check_engine(engine)
     # columns that are padding in every row (a batch cut from a wider one) cost compute and change nothing
     used = attention_mask.bool().any(dim=0)
     if not bool(used.all()):
         first = int(used.int().argmax())
         input_ids, attention_mask = input_ids[:, first:], attention_mask[:, first:]
     stops = list(stop_ids)
-    kwargs: dict = {}
-    if sampling is None:
-        kwargs.update(do_sample=False)
+    rows = input_ids.shape[0] * num_samples
+    if engine == "loop" and logits_processor is None:
+        with eval_mode(model):
+            new = decode_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad_id,
+                              sampling=sampling, num_samples=num_samples, share_prefix=share_prefix)
     else:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    if logits_processor is not None:
-        kwargs["logits_processor"] = logits_processor
-    with eval_mode(model):
-        if num_samples > 1 and share_prefix and input_ids.shape[1] > 1:
-            keyword, cache = prefill_shared_cache(model, input_ids, attention_mask, num_samples)
-            kwargs[keyword] = cache
-        ids = input_ids.repeat_interleave(num_samples, dim=0) if num_samples > 1 else input_ids
-        mask = attention_mask.repeat_interleave(num_samples, dim=0) if num_samples > 1 else attention_mask
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                             eos_token_id=stops, use_cache=True, **kwargs)
-    new = out[:, ids.shape[1]:]
+        kwargs: dict = {}
+        if sampling is None:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if logits_processor is not None:
+            kwargs["logits_processor"] = logits_processor
+        with eval_mode(model):
+            if num_samples > 1 and share_prefix and input_ids.shape[1] > 1:
+                keyword, cache = prefill_shared_cache(model, input_ids, attention_mask, num_samples)
+                kwargs[keyword] = cache
+            ids = input_ids.repeat_interleave(num_samples, dim=0) if num_samples > 1 else input_ids
+            mask = attention_mask.repeat_interleave(num_samples, dim=0) if num_samples > 1 else attention_mask
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=stops, use_cache=True, **kwargs)
+        new = out[:, ids.shape[1]:]
     if new.shape[1] == 0:  # nothing generated at all: an empty answer that ends at once
-        new = torch.full((ids.shape[0], 1), stops[0], dtype=ids.dtype, device=ids.device)
+        new = torch.full((rows, 1), stops[0], dtype=input_ids.dtype, device=input_ids.device)
     cmask, truncated = completion_mask(new, stops)
     return Completions(new.masked_fill(cmask == 0, pad_id), cmask, truncated)
 
@@ -192,8 +313,10 @@ def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
 def iter_decode(model, prompts: Sequence[Sequence[int]], *, batch_size: Optional[int], max_new_tokens: int,
                 stop_ids: Sequence[int], pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1,
                 share_prefix: bool = True, processor_for: Optional[ProcessorFactory] = None,
-                device=None) -> Iterator[tuple[list[int], Completions]]:
-    """``(prompt indices, their completions)`` batch by batch, batches formed by :func:`length_batches`."""
+                device=None, engine: Engine = "loop") -> Iterator[tuple[list[int], Completions]]:
+    """``(prompt indices, their completions)`` batch by batch, batches formed by :func:`length_batches`;
+    ``engine`` as for :func:`decode_batch` (batches under ``processor_for`` decode through ``generate``)."""
+    _check_engine(engine)
     if device is None:
         device = _model_device(model)
     for idx in length_batches([len(p) for p in prompts], batch_size):
@@ -205,12 +328,12 @@ def iter_decode(model, prompts: Sequence[Sequence[int]], *, batch_size: Optional
             processor = LogitsProcessorList([processor_for(idx, ids.shape[1])])
         yield idx, decode_batch(model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                                 sampling=sampling, num_samples=num_samples, share_prefix=share_prefix,
-                                logits_processor=processor)
+                                logits_processor=processor, engine=engine)
 
 
 def decode_prompts(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, **options) -> Completions:
     """Completions of every prompt, in prompt order (``num_samples`` consecutive rows per prompt); ``options``
-    as for :func:`iter_decode`."""
+    as for :func:`iter_decode` (``engine``: ``loop``, the default, or ``generate``)."""
     parts = list(iter_decode(model, prompts, num_samples=num_samples, **options))
     if len(parts) == 1 and parts[0][0] == list(range(len(prompts))):
         return parts[0][1]
@@ -264,12 +387,15 @@ def constraint_factory(tokenizer, rows: Sequence[tuple[str, LabelSchema, str]], 
 
 def generate_greedy(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     stop_ids: Sequence[int],
-                    constraint_rows: Optional[Sequence[tuple[str, LabelSchema, str]]] = None) -> GreedyOutput:
+                    constraint_rows: Optional[Sequence[tuple[str, LabelSchema, str]]] = None,
+                    engine: Engine = "loop") -> GreedyOutput:
     """Greedy answers for a left-padded batch (decoded as one batch); ``constraint_rows`` gives
-    ``(task, schema, text)`` per row to decode under the concise-format constraint."""
+    ``(task, schema, text)`` per row to decode under the concise-format constraint (through ``generate``,
+    whatever ``engine`` says, see :func:`decode_batch`)."""
     if constraint_rows is not None and len(constraint_rows) != input_ids.shape[0]:
         raise ValueError(f"constrained decoding needs one (task, schema, text) per row: {len(constraint_rows)} for {input_ids.shape[0]} rows")
     factory = None if constraint_rows is None else constraint_factory(tokenizer, constraint_rows, max_new_tokens, stop_ids)
     completions = decode_prompts(model, prompt_rows(input_ids, attention_mask), batch_size=None, max_new_tokens=max_new_tokens,
-                                 stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, processor_for=factory, device=input_ids.device)
+                                 stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, processor_for=factory, device=input_ids.device,
+                                 engine=engine)
     return greedy_output(tokenizer, completions)

@@ -81,7 +81,10 @@ class ScriptedAnswers(LogitsHook):
         if step == 0:
             self.scripts = [self.tok(self.answer_for(p), add_special_tokens=False)["input_ids"] + [self.stop_id] for p in prompts]
         out = torch.full_like(logits, -20.0) + 0.01 * logits
-        for i, script in enumerate(self.scripts):
+        # the decoding loop drops a row once it has stopped (after the last token of its script); generate keeps it
+        live = self.scripts if logits.shape[0] == len(self.scripts) else [s for s in self.scripts if len(s) > step]
+        assert len(live) == logits.shape[0], (len(live), logits.shape)
+        for i, script in enumerate(live):
             out[i, script[min(step, len(script) - 1)]] = 20.0
         return out
 

@@ -1,6 +1,8 @@
 """The shared decoding path (:mod:`prouie_pl.decoding`): prompts prefilled once for their G completions decode
 exactly as repeated prompts do, sampling draws from the distribution ``generate`` draws from, batches are formed
-by prompt length, and every row stops at any id of the stop set.
+by prompt length, and every row stops at any id of the stop set.  Both engines: the module's own loop (rows
+leave the batch and the KV cache as they stop) gives ``generate``'s greedy tokens and samples from its
+distribution, also after rows have left; under a logits processor every row stays to the end.
 
 Models: the session's tiny Llama and a tiny randomly initialised Gemma 3 built here (no download), whose
 sliding-window layers (window 6) are shorter than the prompts, so the hybrid cache drops positions before it
@@ -13,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prouie_pl.decoding import (Completions, Sampling, completion_mask, decode_batch, decode_prompts, iter_decode, left_pad,
-                                length_batches, prefill_shared_cache)
+from prouie_pl.decoding import (ENGINES, Completions, Sampling, completion_mask, decode_batch, decode_prompts, iter_decode,
+                                left_pad, length_batches, prefill_shared_cache)
 from training_helpers import single_thread
 
 PAD = 0
@@ -71,8 +73,9 @@ def stop_set_with_early_ends(model, ids, mask, max_new_tokens: int) -> list[int]
     return stops
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", MODELS)
-def test_shared_prefix_greedy_decoding_gives_the_repeated_prompts_tokens(request, name):
+def test_shared_prefix_greedy_decoding_gives_the_repeated_prompts_tokens(request, name, engine):
     model = request.getfixturevalue(name)
     vocab = model.config.vocab_size
     ids, mask = left_pad(random_prompts(vocab, [12, 7, 20], seed=1), PAD)  # left padding of 8 and 13
@@ -80,7 +83,8 @@ def test_shared_prefix_greedy_decoding_gives_the_repeated_prompts_tokens(request
     stops = stop_set_with_early_ends(model, ids, mask, max_new)
     with torch.no_grad():
         want = repeated_generate(model, ids, mask, g, stops, max_new, do_sample=False)
-    got = decode_batch(model, ids, mask, max_new_tokens=max_new, stop_ids=stops, pad_id=PAD, num_samples=g, share_prefix=True)
+    got = decode_batch(model, ids, mask, max_new_tokens=max_new, stop_ids=stops, pad_id=PAD, num_samples=g, share_prefix=True,
+                       engine=engine)
 
     want_mask, want_cut = completion_mask(want, stops)
     assert torch.equal(got.mask, want_mask) and torch.equal(got.truncated, want_cut)
@@ -137,7 +141,8 @@ def chi_square_p(counts: torch.Tensor, expected: torch.Tensor, min_expected: flo
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-def test_shared_prefix_sampling_draws_first_tokens_from_the_same_distribution(llama):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shared_prefix_sampling_draws_first_tokens_from_the_same_distribution(llama, engine):
     """Over 2 x 1,500 draws (fixed seeds: the outcome is the same on every run), the first tokens of both paths
     fit the distribution ``generate`` samples from (temperature 0.3, top-p 0.9: about 200 tokens possible per
     prompt), and the test is sharp enough to reject a 20 % wrong temperature or a missing top-p."""
@@ -147,7 +152,8 @@ def test_shared_prefix_sampling_draws_first_tokens_from_the_same_distribution(ll
     g, vocab = 1500, llama.config.vocab_size
     never = [vocab + 7]  # no stop: only the first token is looked at
     torch.manual_seed(11)
-    shared = decode_batch(llama, ids, mask, max_new_tokens=1, stop_ids=never, pad_id=PAD, sampling=sampling, num_samples=g)
+    shared = decode_batch(llama, ids, mask, max_new_tokens=1, stop_ids=never, pad_id=PAD, sampling=sampling, num_samples=g,
+                          engine=engine)
     torch.manual_seed(12)
     with torch.no_grad():
         repeated = repeated_generate(llama, ids, mask, g, never, 1, do_sample=True, temperature=0.3, top_p=0.9, top_k=0)
@@ -205,3 +211,178 @@ def test_completion_mask_stops_at_any_id_of_the_stop_set():
     mask, cut = completion_mask(ids, {7, 8})
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert cut.tolist() == [False, False, True]
+
+
+# ------------------------------------------------------------------ the decoding loop (engine "loop")
+
+NEVER = 10_007  # an id neither model has: no row stops on it
+
+
+def early_stop_set(model, prompts, max_new_tokens: int, picks) -> list[int]:
+    """Stop ids taken from free greedy decoding of ``prompts`` (``picks``: (prompt, step) pairs), less every token
+    the last prompt writes, so that rows end at different steps and the last prompt's run to the limit."""
+    free = decode_prompts(model, prompts, batch_size=None, max_new_tokens=max_new_tokens, stop_ids=[NEVER], pad_id=PAD,
+                          engine="generate").ids
+    stops = sorted({int(free[i, step]) for i, step in picks} - set(free[len(prompts) - 1].tolist()))
+    assert stops, "this prompt set needs a last row that writes none of the picked tokens"
+    return stops
+
+
+@pytest.mark.parametrize("g, share", [(1, True), (3, True), (3, False)], ids=["single", "shared", "repeated"])
+@pytest.mark.parametrize("name", MODELS)
+def test_the_loop_gives_generates_greedy_tokens_batch_by_batch(request, name, g, share):
+    """Three left-padded batches (widths 25, 12 and 5) whose rows stop at many different steps, some at the limit:
+    each batch's completions are a plain ``generate``'s on the prompts repeated ``g`` times, token for token, and
+    as wide as its longest completion."""
+    model = request.getfixturevalue(name)
+    prompts = random_prompts(model.config.vocab_size, [12, 7, 20, 5, 16, 9, 25], seed=5)
+    max_new = 14
+    stops = early_stop_set(model, prompts, max_new, picks=[(0, 2), (1, 4), (3, 1), (4, 7), (5, 9)])
+    lengths, cut = [], []
+    for idx, got in iter_decode(model, prompts, batch_size=3, max_new_tokens=max_new, stop_ids=stops, pad_id=PAD,
+                                num_samples=g, share_prefix=share, engine="loop"):
+        ids, mask = left_pad([prompts[i] for i in idx], PAD)
+        with torch.no_grad():
+            want = repeated_generate(model, ids, mask, g, stops, max_new, do_sample=False)
+        want_mask, want_cut = completion_mask(want, stops)
+        assert got.ids.shape == want.shape
+        assert torch.equal(got.ids, want.masked_fill(want_mask == 0, PAD))
+        assert torch.equal(got.mask, want_mask) and torch.equal(got.truncated, want_cut)
+        lengths += got.lengths.tolist()
+        cut += got.truncated.tolist()
+    # the case this is about: rows that end early next to rows that go on, some to the limit
+    assert len(set(lengths)) >= 3 and min(lengths) < max_new // 2, lengths
+    assert any(cut) and not all(cut)
+    # and both engines agree on the whole set, in prompt order
+    options = dict(batch_size=3, max_new_tokens=max_new, stop_ids=stops, pad_id=PAD, num_samples=g, share_prefix=share)
+    loop, gen = decode_prompts(model, prompts, engine="loop", **options), decode_prompts(model, prompts, engine="generate", **options)
+    assert torch.equal(loop.ids, gen.ids) and torch.equal(loop.mask, gen.mask) and torch.equal(loop.truncated, gen.truncated)
+
+
+def test_the_loop_drops_padding_columns_and_returns_generates_width(llama):
+    """A batch cut from a wider one (two columns of padding in every row) and a limit no row reaches a stop by."""
+    ids, mask = left_pad(random_prompts(llama.config.vocab_size, [9, 4], seed=6), PAD)
+    wide_ids = torch.cat([torch.full((2, 2), PAD), ids], dim=1)
+    wide_mask = torch.cat([torch.zeros((2, 2), dtype=torch.long), mask], dim=1)
+    got = decode_batch(llama, wide_ids, wide_mask, max_new_tokens=5, stop_ids=[NEVER], pad_id=PAD, engine="loop")
+    with torch.no_grad():
+        want = repeated_generate(llama, ids, mask, 1, [NEVER], 5, do_sample=False)
+    assert torch.equal(got.ids, want) and got.truncated.all() and got.lengths.tolist() == [5, 5]
+
+
+class BatchSizes:
+    """A forward hook on the model: per forward call, (rows fed, rows of every cache layer after it)."""
+
+    def __init__(self, model):
+        self.calls: list[tuple[int, set]] = []
+        self.handle = model.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, out):
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        self.calls.append((kwargs["input_ids"].shape[0], {layer.keys.shape[0] for layer in cache.layers}))
+
+    def remove(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "repeated"])
+@pytest.mark.parametrize("name", MODELS)
+def test_the_loop_drops_rows_from_the_batch_and_the_cache_once_they_stop(request, name, share):
+    model = request.getfixturevalue(name)
+    ids, mask = left_pad(random_prompts(model.config.vocab_size, [12, 7, 20], seed=1), PAD)
+    max_new, g = 14, 2
+    stops = stop_set_with_early_ends(model, ids, mask, max_new)
+    runs = {}
+    for engine in ENGINES:
+        sizes = BatchSizes(model)
+        try:
+            runs[engine] = decode_batch(model, ids, mask, max_new_tokens=max_new, stop_ids=stops, pad_id=PAD, num_samples=g,
+                                        share_prefix=share, engine=engine), sizes.calls
+        finally:
+            sizes.remove()
+    (loop, calls), (gen, gen_calls) = runs["loop"], runs["generate"]
+    assert torch.equal(loop.ids, gen.ids)
+    lengths = loop.lengths
+    # forward k runs exactly the rows still going at step k: those whose completion is longer than k tokens
+    want = [int((lengths > k).sum()) for k in range(int(lengths.max()))]
+    assert [rows for rows, _ in calls] == want
+    assert all(cached == {rows} for rows, cached in calls)  # every cache layer (sliding ones too) has those rows only
+    assert want[0] == 3 * g and want[-1] < want[0]
+    # generate feeds every row at every step
+    assert [rows for rows, _ in gen_calls] == [3 * g] * len(want)
+
+
+def next_token_distributions(model, prompt: list[int], tokens: list[int], sampling: Sampling) -> torch.Tensor:
+    """``[len(tokens), V]``: what ``generate`` samples from after ``prompt + [t]``, for each ``t``."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + [t] for t in tokens])).logits[:, -1].float()
+    scores = TopPLogitsWarper(sampling.top_p)(None, TemperatureLogitsWarper(sampling.temperature)(None, logits))
+    return torch.softmax(scores, dim=-1).double()
+
+
+def test_the_loop_samples_from_generates_distribution_after_rows_have_left(llama):
+    """1,500 samples of each of two prompts (temperature 0.3, top-p 0.9, shared prefill); the most likely first
+    tokens, about 40 % of the mass of each prompt, are stop ids, so those rows leave the batch after step 1.  The
+    second tokens of the rows that go on fit what ``generate`` samples from after each row's first token (expected
+    counts: the sum of those distributions over the rows)."""
+    sampling = Sampling(temperature=0.3, top_p=0.9)
+    prompts = random_prompts(llama.config.vocab_size, [24, 15], seed=0)
+    ids, mask = left_pad(prompts, PAD)
+    g, vocab = 1500, llama.config.vocab_size
+    stops: set[int] = set()
+    for p in prompts:
+        probs, order = torch.sort(first_token_distribution(llama, p, sampling), descending=True)
+        stops |= set(order[:int((probs.cumsum(0) < 0.4).sum()) + 1].tolist())
+    torch.manual_seed(13)
+    got = decode_batch(llama, ids, mask, max_new_tokens=2, stop_ids=sorted(stops), pad_id=PAD, sampling=sampling,
+                       num_samples=g, engine="loop")
+    assert got.ids.shape == (2 * g, 2)
+    for i, prompt in enumerate(prompts):
+        rows = got.ids[i * g:(i + 1) * g]
+        stopped = torch.isin(rows[:, 0], torch.tensor(sorted(stops)))
+        assert 300 < int(stopped.sum()) < 1200 and (rows[stopped, 1] == PAD).all()  # they left after one token
+        going = rows[~stopped]
+        firsts = sorted(set(going[:, 0].tolist()))
+        after = next_token_distributions(llama, prompt, firsts, sampling)
+        expected = after[torch.tensor([firsts.index(t) for t in going[:, 0].tolist()])].sum(dim=0)
+        counts = torch.bincount(going[:, 1], minlength=vocab).double()
+        assert counts[expected == 0].sum() == 0, "sampled a token top-p removes"
+        assert chi_square_p(counts, expected) > 1e-3
+
+
+def test_under_a_logits_processor_every_row_stays_to_the_end(llama):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Shapes(LogitsProcessor):
+        def __init__(self):
+            self.seen: list[tuple[int, int]] = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(tuple(input_ids.shape))
+            return scores
+
+    ids, mask = left_pad(random_prompts(llama.config.vocab_size, [12, 7, 20], seed=1), PAD)
+    max_new = 14
+    stops = stop_set_with_early_ends(llama, ids, mask, max_new)
+    shapes = Shapes()
+    got = decode_batch(llama, ids, mask, max_new_tokens=max_new, stop_ids=stops, pad_id=PAD,
+                       logits_processor=LogitsProcessorList([shapes]))  # the default engine, "loop"
+    free = decode_batch(llama, ids, mask, max_new_tokens=max_new, stop_ids=stops, pad_id=PAD, engine="loop")
+    assert torch.equal(got.ids, free.ids) and len(set(got.lengths.tolist())) > 1
+    # the full rows, prompts included, at every step until the last row stops
+    assert shapes.seen == [(3, ids.shape[1] + k) for k in range(got.ids.shape[1])]
+
+
+def test_engines_are_checked():
+    from prouie_pl.grpo import RolloutSettings
+
+    ids, mask = left_pad([[5, 6]], PAD)
+    with pytest.raises(ValueError, match="engine"):
+        decode_batch(None, ids, mask, max_new_tokens=2, stop_ids=[1], pad_id=PAD, engine="beam")
+    with pytest.raises(ValueError, match="model.rollout.engine"):
+        RolloutSettings(engine="vllm")
+    assert RolloutSettings().engine == "loop"
