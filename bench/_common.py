@@ -25,6 +25,19 @@ def machine_line() -> str:
     return f"{dev}; Python {platform.python_version()}; torch {torch.__version__}; {platform.machine()}"
 
 
+def model_defaults(args, real_datasets) -> int:
+    """Fill ``--dtype``, ``--data_dir`` and ``--datasets`` for ``--model`` (tiny: float32 on the demo data; a real
+    model: ``auto`` on ``real_datasets`` of the shared data) and return the torch thread count (tiny: 1; else
+    torch's choice, 0) unless ``--threads`` gives one."""
+    tiny = args.model == "tiny"
+    args.dtype = args.dtype or ("float32" if tiny else "auto")
+    if args.data_dir is None:
+        args.data_dir = "demo" if tiny else str(require_shared_data())
+        if not tiny and args.datasets is None:
+            args.datasets = real_datasets
+    return (1 if tiny else 0) if args.threads is None else args.threads
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def fmt(x):
         if isinstance(x, float):

@@ -40,7 +40,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import markdown_table, require_shared_data, sft_warmup_adapter, write_result  # noqa: E402
+from _common import markdown_table, model_defaults, sft_warmup_adapter, write_result  # noqa: E402
 
 ENGINES = ("loop", "generate")
 WORKLOADS = ("greedy", "grpo")
@@ -183,16 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="default: bench/results/decode_engines[_MODEL].md")
     args = ap.parse_args(argv)
     tiny = args.model == "tiny"
-    args.dtype = args.dtype or ("float32" if tiny else "auto")
     if args.greedy_max_new_tokens is None:
         args.greedy_max_new_tokens = 64 if tiny else 128
     if args.sft_steps is None:
         args.sft_steps = 30 if tiny else 0
-    if args.data_dir is None:
-        args.data_dir = "demo" if tiny else str(require_shared_data())
-        if not tiny and args.datasets is None:
-            args.datasets = REAL_DATASETS
-    threads = (1 if tiny else 0) if args.threads is None else args.threads
+    threads = model_defaults(args, REAL_DATASETS)
 
     import torch
 
@@ -243,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     slug = "" if tiny else "_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.model).name)
     where = "tiny model" if tiny else args.model
     write_result(f"decode_engines{slug}.md", f"Decoding engines: loop against generate ({where}, {device.type.upper()})",
-                 "\n".join(parts), args.out)
+                 "\n".join(parts), args.out, keep_notes=True)
 
 
 if __name__ == "__main__":

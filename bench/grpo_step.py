@@ -46,7 +46,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import fit_steps, markdown_table, require_shared_data, sft_warmup_adapter, write_result  # noqa: E402
+from _common import fit_steps, markdown_table, model_defaults, sft_warmup_adapter, write_result  # noqa: E402
 
 PREFILL_MODES = ("shared", "repeated")
 REAL_DATASETS = ["CoNLL2003", "CoNLL2004", "PHEE"]
@@ -208,12 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="default: bench/results/grpo_step.md")
     args = ap.parse_args(argv)
     tiny = args.model == "tiny"
-    args.dtype = args.dtype or ("float32" if tiny else "auto")
-    if args.data_dir is None:
-        args.data_dir = "demo" if tiny else str(require_shared_data())
-        if not tiny and args.datasets is None:
-            args.datasets = REAL_DATASETS
-    threads = (1 if tiny else 0) if args.threads is None else args.threads
+    threads = model_defaults(args, REAL_DATASETS)
 
     import torch
 

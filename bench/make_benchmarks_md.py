@@ -43,6 +43,14 @@ into rollouts (`generate`), SFR rewards and advantages (`reward`), the no-grad r
 with beta > 0) and forward, backward and optimizer step (`policy`). `--model gemma-3-270m` runs it on the real
 model and the real IE prompts. The targets: a reward share below 5 % of a step, and at least 1.5x rollout
 completions/s from the shared prefill on the real model at P=4, G=8."""),
+    ("decode_engines_gemma-3-270m", "Decoding: rows leave the batch as they stop, against generate", "python bench/decode_engines.py --model gemma-3-270m", """\
+The project's own decoding loop (finished rows dropped from the batch and the KV cache) against `model.generate`
+(every row decoded until the slowest stops) on the same prompts: greedy test-style batches and GRPO-style sampling,
+interleaved; `same tokens` says whether greedy gave identical completions."""),
+    ("data_loading_gemma-3-270m", "Loading and tokenising the training data", "python bench/data_loading.py", """\
+All 18 shared training splits through the CM stage's validation and tokenisation with the Gemma tokenizer: the old
+in-memory path, the `datasets` path on a first start (empty cache) and on a cached start, each in a fresh process
+(wall time of the data part and peak RSS)."""),
     ("kernels_cpu", "Kernels on the CPU (PyTorch references; Triton under the interpreter is for correctness only)",
      "python bench/kernel_speed.py --device cpu --threads 1", """\
 Time and peak extra memory of the LM-head log-prob paths, the GRPO loss and the advantage functions. "x matmul" is
