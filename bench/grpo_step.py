@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                         "mean completion tokens", "mean reward"], detail),
     ]
     where = "tiny model" if tiny else args.model
-    write_result("grpo_step.md", f"GRPO step time split and rollout prefill ({where}, CPU)", "\n".join(parts), args.out)
+    write_result("grpo_step.md", f"GRPO step time split and rollout prefill ({where}, CPU)", "\n".join(parts), args.out, keep_notes=True)
 
 
 if __name__ == "__main__":
