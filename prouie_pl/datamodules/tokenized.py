@@ -24,21 +24,21 @@ from ..schema import LabelSchema
 from .batching import Encoded, SFTItems
 
 ENCODE_VERSION = "encode-1"  # part of the fingerprint: bump when what an example holds changes
-_TOKENIZER_IDS: dict[int, str] = {}
 
 
 def tokenizer_id(tokenizer) -> str:
     """A fingerprint of what the tokenizer does to text: its vocabulary and rules, chat template and special
     tokens (the same for the same files, whatever object loaded them)."""
-    key = id(tokenizer)
-    if key not in _TOKENIZER_IDS:
+    cached = getattr(tokenizer, "_prouie_fingerprint", None)  # kept on the object: an id() could be reused
+    if cached is None:
         from datasets.fingerprint import Hasher
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
         body = backend.to_str() if backend is not None else Hasher.hash(tokenizer)
-        _TOKENIZER_IDS[key] = Hasher.hash([body, getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id,
-                                           tokenizer.eos_token_id, tokenizer.pad_token_id, answer_end_id(tokenizer)])
-    return _TOKENIZER_IDS[key]
+        cached = Hasher.hash([body, getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id,
+                              tokenizer.eos_token_id, tokenizer.pad_token_id, answer_end_id(tokenizer)])
+        tokenizer._prouie_fingerprint = cached
+    return cached
 
 
 def encode_rows(rows, tokenizer, schema: LabelSchema, fmt: str, max_length: int, shuffle_seed: Optional[str] = None,
