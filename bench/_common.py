@@ -52,11 +52,42 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 NOTES_HEADING = "## Notes"
 
 
-def write_result(name: str, title: str, body: str, out: str | None = None, keep_notes: bool = False) -> Path:
+SECTION_OPEN = "<!-- section: {} -->"
+SECTION_CLOSE = "<!-- /section -->"
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The ``<!-- section: KEY -->`` ... ``<!-- /section -->`` blocks of a results file, in file order."""
+    out, at = {}, 0
+    head = SECTION_OPEN.split("{}")[0]
+    while (start := text.find(head, at)) >= 0:
+        key_end = text.index("-->", start)
+        key = text[start + len(head):key_end].strip()
+        end = text.find(SECTION_CLOSE, key_end)
+        end = len(text) if end < 0 else end + len(SECTION_CLOSE)
+        out[key] = text[start:end]
+        at = end
+    return out
+
+
+def write_result(name: str, title: str, body: str, out: str | None = None, keep_notes: bool = False,
+                 section: str | None = None, heading: str | None = None) -> Path:
     """Write a results file.  With ``keep_notes`` the file ends with a ``## Notes`` section that people write:
-    the one already in the file (kept word for word when the script rewrites it) or an empty one."""
+    the one already in the file (kept word for word when the script rewrites it) or an empty one.
+
+    With ``section`` the file holds one block per key (one per model, say), each with its own ``heading`` and
+    machine line: the block of this key is replaced and the others are kept as they are."""
     path = Path(out) if out else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
+    if section is not None:
+        blocks = _sections(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        blocks[section] = (f"{SECTION_OPEN.format(section)}\n\n## {heading or section}\n\n{machine_line()}\n\n"
+                           f"{body.rstrip()}\n\n{SECTION_CLOSE}")
+        text = f"# {title}\n\n" + "\n\n".join(blocks.values()) + "\n"
+        path.write_text(text, encoding="utf-8")
+        print(blocks[section])
+        print(f"written to {path} (section {section}; {len(blocks)} in the file)")
+        return path
     if keep_notes:
         old = path.read_text(encoding="utf-8") if path.is_file() else ""
         at = old.find("\n" + NOTES_HEADING + "\n")

@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = med["prouie-pl"] / med["trl"]
         ratio_grouped = med["prouie-pl"] / med["trl-grouped"]
         parts += [
-            "", "## SFT: non-padding tokens per second", "",
+            "", "### SFT: non-padding tokens per second", "",
             f"Batch size {args.batch_size}, AdamW lr {args.lr}, cosine schedule with warm-up, answer-only loss on both sides; "
             f"{args.sft_steps} measured steps per run. ProUIE-PL: `SFTModule` + `UIEDataModule` (length-grouped batches, "
             "the default; answer log-probs through the chunked LM head, no full logits). TRL: `SFTTrainer` on the same "
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         rc_all = med["prouie-pl-noskip"]["comp_s"] / med["trl"]["comp_s"]
         rt_all = med["prouie-pl-noskip"]["tok_s"] / med["trl"]["tok_s"]
         parts += [
-            "", "## GRPO: completions per second", "",
+            "", "### GRPO: completions per second", "",
             f"P={args.prompts} prompts x G={args.generations} completions per step, temperature {args.temperature}, "
             f"top-p 1, at most {args.max_new_tokens} new tokens, beta 0, one pass per batch, dapo aggregation, "
             f"lr {args.grpo_lr}, outcome reward (F1 + format term) on both sides, from the same adapter "
@@ -554,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{rc_all:.2f}x completions/s and {rt_all:.2f}x completion tokens/s against TRL.",
         ]
     where = "tiny model" if args.model == "tiny" else args.model
-    write_result("compare_trl.md", f"ProUIE-PL vs TRL on the same work ({where}, CPU)", "\n".join(parts), args.out)
+    write_result("compare_trl.md", "ProUIE-PL vs TRL on the same work", "\n".join(parts), args.out,
+                 section=Path(args.model).name, heading=f"{where}, CPU")
     return 0
 
 
