@@ -34,19 +34,19 @@ def per_sentence_counts(records, outputs) -> dict[tuple[str, str], list[tuple[in
 
 
 def resampled_f1(counts, idx):
-    """Micro F1 (percent) of each resample of the sentences.
+    """Micro F1 (percent) of each resample of the sentences, by :func:`prouie_pl.scoring.precision_recall_f1`.
 
     ``counts``: ``[sentences, 3]`` (tp, fp, fn), or ``[runs, sentences, 3]`` for the mean F1 over runs (training
     seeds); ``idx``: ``[resamples, sentences]`` sentence indices.  Returns ``[resamples]``.
     """
     import numpy as np
 
+    from prouie_pl.scoring import precision_recall_f1
+
     c = np.asarray(counts, dtype=float)
     c = c[None] if c.ndim == 2 else c
     tot = c[:, idx].sum(axis=2)  # [runs, resamples, 3]
-    tp, fp, fn = tot[..., 0], tot[..., 1], tot[..., 2]
-    f1 = np.where(tp > 0, 200.0 * tp / np.maximum(2 * tp + fp + fn, 1.0), 0.0)  # = 2PR / (P + R)
-    return f1.mean(axis=0)
+    return precision_recall_f1(tot[..., 0], tot[..., 1], tot[..., 2])[2].mean(axis=0)
 
 
 def percentile_interval(draws) -> tuple[float, float]:

@@ -109,6 +109,9 @@ def fit_steps(module, data, max_steps: int, callbacks=()):
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
                         callbacks=list(callbacks))
+    from prouie_pl.wiring import connect
+
+    connect(module, data, trainer)
     trainer.fit(module, datamodule=data)
     return trainer
 

@@ -63,7 +63,7 @@ def worker(mode: str, model: str, data: str, cache: str, length: int, num_proc) 
         from prouie_pl.datamodules import UIEDataModule
 
         dm = UIEDataModule(data_dir=data, stage="cm", max_seq_length=length, cache_dir=cache, num_proc=num_proc, max_val_records=0)
-        dm.tokenizer = tok
+        dm.connect(tok)
         dm.setup("fit")
         table, dropped, _ = dm.encoded(0)
         n, tokens = len(table), sum(table["length"])

@@ -77,7 +77,7 @@ def load_prompts(tok, args) -> list:
     need = (args.repeats + 1) * (args.greedy_batch + args.prompts)
     data = UIEDataModule(stage="de", sample_per_dataset=-(-need // n_sets) + 1, batch_size=args.prompts, max_val_records=0,
                          seed=args.seed, data_dir=args.data_dir, datasets=args.datasets)
-    data.tokenizer = tok
+    data.connect(tok)
     data.setup("fit")
     records = list(data.train_records)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()

@@ -533,6 +533,9 @@ def train_steps(kind: str, model_dir: Path, sizes: Sizes) -> dict:
                         max_steps=warmup + measured, max_epochs=1000, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[step_meter])
+    from prouie_pl.wiring import connect
+
+    connect(module, data, trainer)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - t0

@@ -119,7 +119,7 @@ def compare_rollouts(adapter: str, args) -> dict:
     n_sets = len(args.datasets) if args.datasets else 3
     data = UIEDataModule(stage="de", sample_per_dataset=-(-args.prompts * args.rollout_repeats // n_sets) + 1,
                          batch_size=args.prompts, max_val_records=0, seed=args.seed, **data_options(args))
-    data.tokenizer = tok
+    data.connect(tok)
     data.setup("fit")
     records = list(data.train_records)
     torch.manual_seed(args.seed)

@@ -50,7 +50,7 @@ def build_data(args, tokenizer):
         data_dir, datasets = "demo", None
     dm = UIEDataModule(data_dir=data_dir, stage="sa", datasets=datasets, sample_per_dataset=args.records_per_dataset,
                        batch_size=args.batch_size, max_seq_length=args.max_seq_length, seed=args.seed)
-    dm.tokenizer = tokenizer
+    dm.connect(tokenizer)
     dm.setup("fit")
     loaders = {}
     for mode in MODES:

@@ -192,6 +192,7 @@ def calibrate(args, data_dir: Path, work: Path) -> dict:
     from prouie_pl.formats import example
     from prouie_pl.lightning_cli import build_cli
     from prouie_pl.reader import load_records
+    from prouie_pl.wiring import connect
 
     t0, cal, module = time.perf_counter(), {}, None
     for fmt in ("full", "concise"):
@@ -202,7 +203,9 @@ def calibrate(args, data_dir: Path, work: Path) -> dict:
         cli = build_cli(["--config", str(config_path(args.model, "cm"))] + argv, run=False)
         clock = StepClock()
         cli.trainer.callbacks.append(clock)
-        cli.trainer.fit(module or cli.model, datamodule=cli.datamodule)  # the second format reuses the loaded model
+        if module is not None:  # the second format reuses the loaded model
+            connect(module, cli.datamodule, cli.trainer)
+        cli.trainer.fit(module or cli.model, datamodule=cli.datamodule)
         module, max_len, steps = module or cli.model, cli.datamodule.max_seq_length, clock.steps[1:]  # step 1 warms up
         cal[fmt] = {"s_per_token": sum(s for s, _ in steps) / sum(t for _, t in steps),
                     "s_per_step": statistics.mean(s for s, _ in steps), "tokens_per_step": statistics.mean(t for _, t in steps)}
@@ -221,17 +224,16 @@ def calibrate(args, data_dir: Path, work: Path) -> dict:
 
 def write_subset(src: Path, dst: Path, datasets: list[str], n_train: int, n_test: int, seed: int) -> None:
     """Seeded train and dev samples and the first ``n_test`` test sentences per data set, same layout."""
-    from prouie_pl.reader import discover
+    from prouie_pl.reader import discover, write_dataset
 
     for info in discover(src, datasets=datasets):
-        folder = dst / info.task / info.name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "labels.json").write_bytes((info.path / "labels.json").read_bytes())
+        splits = {}
         for split, n in (("train", n_train), ("dev", 16), ("test", n_test)):
             rows = json.loads((info.path / f"{split}.json").read_text(encoding="utf-8"))
             keep = range(min(n, len(rows))) if split == "test" else \
                 sorted(random.Random(f"{seed}/{info.id}/{split}").sample(range(len(rows)), min(n, len(rows))))
-            (folder / f"{split}.json").write_text(json.dumps([rows[i] for i in keep], ensure_ascii=False), encoding="utf-8")
+            splits[split] = [rows[i] for i in keep]
+        write_dataset(dst, info.task, info.name, json.loads((info.path / "labels.json").read_text(encoding="utf-8")), splits)
 
 
 def paired_differences(counts: dict[str, list[dict]], ref: str, n_boot: int, seed: int = 0) -> dict:

@@ -7,9 +7,7 @@ PEFT; the adapter's tokenizer is saved beside it.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Sequence
 
 from .modeling import DTYPES, resolve_model_path
 
@@ -31,15 +29,3 @@ def export_merged(adapter: str, base: str, out: str, dtype: str = "bfloat16") ->
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else resolve_model_path(base)
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
     return out_dir
-
-
-def export_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m prouie_pl export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--adapter", required=True, help="adapter folder (PEFT format), e.g. outputs/demo/de/adapter")
-    ap.add_argument("--base", required=True, help="base model: hub id, local folder, or tiny")
-    ap.add_argument("--out", required=True, help="output folder for the merged model")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the merged weights (default bfloat16)")
-    args = ap.parse_args(list(argv))
-    out = export_merged(args.adapter, args.base, args.out, args.dtype)
-    print(f"saved the merged {args.dtype} model to {out} (AutoModelForCausalLM.from_pretrained loads it)")
-    return 0

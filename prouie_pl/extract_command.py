@@ -17,12 +17,10 @@ See :class:`prouie_pl.extractor.DocumentExtraction` for the fields of a line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 INPUT_FORMATS = ("auto", "txt", "jsonl")
 DESCRIPTION = "Extract entities, relations and events from your own documents with a trained model and your schema."
@@ -131,32 +129,8 @@ def done_ids(out: Path) -> set[str]:
     return ids
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m prouie_pl extract", description=DESCRIPTION, epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a stage's adapter/ folder, a merged export folder, or an embedded model name (tiny, gemma-3-270m)")
-    ap.add_argument("--base", default=None, help="base model of an adapter (default: the one in its adapter_config.json)")
-    ap.add_argument("--schema", default=None, help="YAML or JSON: entities: [...], relations: [...], events: {type: [roles]}")
-    ap.add_argument("--labels_from", nargs="+", default=None, metavar="DATA_DIR/TASK/Dataset", help="use a data set's labels.json as (part of) the schema")
-    ap.add_argument("--input", required=True, help="a .txt file, a folder of .txt files, a .jsonl file (id, text), or - for standard input")
-    ap.add_argument("--input_format", default="auto", choices=INPUT_FORMATS, help="how to read --input (auto: by its suffix; standard input is text)")
-    ap.add_argument("--out", required=True, help="output JSONL file (one line per document)")
-    ap.add_argument("--resume", action="store_true", help="skip the documents whose ids are already in --out and append the others")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    ap.add_argument("--constrained", action="store_true", help="schema-constrained decoding: only schema keys and spans copied from the text")
-    ap.add_argument("--format", default="concise", choices=("concise", "full"), help="answer format the model writes (concise: SA and DE stages)")
-    ap.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
-    ap.add_argument("--max_input_tokens", type=int, default=512, help="prompt tokens per window (instruction, schema and text)")
-    ap.add_argument("--max_new_tokens", type=int, default=256, help="answer tokens per window")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--quantization", default="none", choices=("none", "nf4"), help="load the base in 4-bit NF4 (bitsandbytes)")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
-    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return ap
-
-
-def extract_main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def run_extract(args) -> int:
+    """The ``extract`` command on its parsed options (:func:`prouie_pl.cli.build_parser`)."""
     from .extraction_schema import load_extraction_schema
 
     schema = load_extraction_schema(args.schema, args.labels_from)
@@ -185,7 +159,7 @@ def extract_main(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     n = windows = failures = lost = 0
     with out.open(mode, encoding="utf-8") as fh:
-        for result in extractor.iter_extract(todo, schema, total=len(todo), progress=not args.no_progress):
+        for result in extractor.iter_extract(todo, schema, total=len(todo), progress=args.progress):
             fh.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
             fh.flush()
             n += 1

@@ -5,6 +5,7 @@ The module is chosen by ``model.class_path`` (``prouie_pl.sft.SFTModule`` or ``p
 the data module is always :class:`~prouie_pl.datamodules.UIEDataModule`.  Defaults set here:
 ``trainer.use_distributed_sampler=False`` (the data module shards its own batches),
 ``trainer.num_sanity_val_steps=0`` (validation decodes, which is slow) and the config saved next to the run.
+Once the objects exist, :func:`prouie_pl.wiring.connect` wires module and data module.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class ProUIECLI(LightningCLI):
             "trainer.use_distributed_sampler": False,
             "trainer.num_sanity_val_steps": 0,
         })
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        from .wiring import connect
+
+        connect(self.model, self.datamodule, self.trainer)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

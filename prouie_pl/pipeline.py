@@ -30,15 +30,13 @@ The pipeline YAML::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Union
 
-import yaml
 
 STAGES = ("cm", "sa", "de")
 ZERO_SHOT = "zero_shot"
@@ -63,37 +61,34 @@ def _resolve(path: str, base: Path) -> str:
 
 
 def load_pipeline_config(path: str) -> dict:
+    """A pipeline YAML read through the pipeline command's own parser (``python -m prouie_pl pipeline --config``)."""
+    from .cli import build_parser, pipeline_settings
     from .config_files import embedded_configs, resolve_config
 
     p = Path(resolve_config(path))
     if not p.is_file():
         names = ", ".join(n for n in embedded_configs() if n.endswith("pipeline.yaml") or "pipeline_" in n)
         raise FileNotFoundError(f"pipeline config {path!r} is neither a file nor a shipped config (shipped: {names})")
-    cfg = yaml.safe_load(p.read_text()) or {}
-    keys = {"stages", "overrides", "stage_overrides", "adapter", "zero_shot", "test_dtype"}
-    unknown = set(cfg) - keys
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a pipeline config has {', '.join(sorted(keys))}")
+    cfg = build_parser().parse_args(["pipeline", "--config", str(p)])
+    return pipeline_settings(cfg.pipeline)
+
+
+def check_pipeline_config(cfg: dict, where: str, base: Path) -> dict:
+    """Check pipeline settings (``where`` names them in errors) and resolve the stage configs against ``base``,
+    the pipeline YAML's folder."""
     stages = cfg.get("stages") or {}
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
-        raise ValueError(f"{path}: 'stages' must map some of {', '.join(STAGES)} to fit configs (got {sorted(stages) or 'nothing'})")
-    if cfg.get("adapter", "best") not in ("best", "last"):
-        raise ValueError(f"{path}: 'adapter' must be best or last, not {cfg.get('adapter')!r}")
+        raise ValueError(f"{where}: 'stages' must map some of {', '.join(STAGES)} to fit configs (got {sorted(stages) or 'nothing'})")
     bad = sorted(set(cfg.get("stage_overrides") or {}) - set(STAGES) - {ZERO_SHOT})
     if bad:
-        raise ValueError(f"{path}: stage_overrides for unknown stages {bad} (stages: {', '.join(STAGES)}, {ZERO_SHOT})")
-    if not isinstance(cfg.get("zero_shot", False), bool):
-        raise ValueError(f"{path}: 'zero_shot' must be true or false, not {cfg.get('zero_shot')!r}")
-    if cfg.get("test_dtype", "same") not in ("same", "float32"):
-        raise ValueError(f"{path}: 'test_dtype' must be same or float32, not {cfg.get('test_dtype')!r}")
-    cfg["stages"] = {s: _resolve(stages[s], p.parent) for s in STAGES if s in stages}
-    cfg.setdefault("overrides", {})
-    cfg.setdefault("stage_overrides", {})
-    cfg.setdefault("adapter", "best")
-    cfg.setdefault("zero_shot", False)
-    cfg.setdefault("test_dtype", "same")
-    return cfg
+        raise ValueError(f"{where}: stage_overrides for unknown stages {bad} (stages: {', '.join(STAGES)}, {ZERO_SHOT})")
+    out = dict(cfg)
+    out["stages"] = {s: _resolve(stages[s], base) for s in STAGES if s in stages}
+    out["overrides"] = dict(cfg.get("overrides") or {})
+    out["stage_overrides"] = {k: dict(v) for k, v in (cfg.get("stage_overrides") or {}).items()}
+    out["path"] = where
+    return out
 
 
 def _override_args(overrides: dict) -> list[str]:
@@ -103,11 +98,12 @@ def _override_args(overrides: dict) -> list[str]:
     return args
 
 
-def _test_decode(cli, test_dtype: str) -> float:
-    """Decode and score the test split; return the seconds it took."""
+def _test_decode(cli, test_dtype: str) -> tuple[float, "EvalResult"]:
+    """Decode and score the test split; return the seconds it took and what the generation evaluator scored."""
     import lightning as L
     import torch
 
+    from .callbacks import GenerationEvaluator
     from .modeling import cast_frozen_base
 
     class CastBase(L.Callback):  # the model is built in ``setup``, so cast once it exists
@@ -118,48 +114,49 @@ def _test_decode(cli, test_dtype: str) -> float:
         cli.trainer.callbacks.append(CastBase())
     t0 = time.perf_counter()
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
-    return round(time.perf_counter() - t0, 1)
+    seconds = round(time.perf_counter() - t0, 1)
+    evaluator = next((c for c in cli.trainer.callbacks if isinstance(c, GenerationEvaluator)), None)
+    if evaluator is None or evaluator.last_result is None or evaluator.last_result.split != "test":
+        raise RuntimeError("trainer.test left no test result (it comes from the trainer's GenerationEvaluator callback)")
+    return seconds, evaluator.last_result
 
 
-def answer_summary(stage_dir: Path, records, per_task: int = 2) -> dict:
+def answer_summary(result: "EvalResult", records, per_task: int = 2) -> dict:
     """Blank and structure-less answers on the test split, and ``per_task`` example predictions per task.
 
     The examples are the same sentences at every stage (the lowest record indices of each task's first data
     set), so a reader can follow one sentence through the stages."""
     from .formats import render_target
-    from .parser import parse_output
+    from .results import answer_problem
 
     by_uid = {r.uid: r for r in records}
     blank = no_units = 0
     examples: dict[str, list] = {}
-    path = stage_dir / "predictions.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
-    keyed = sorted(((row["task"], row["dataset"], row["index"]), row.get("output") or "") for row in rows)
-    for uid, out in keyed:
+    for uid, out in sorted((p.uid, p.output or "") for p in result.predictions):
         rec = by_uid.get(uid)
-        if not out.strip():
-            blank += 1
-        elif rec is not None and not parse_output(out, rec.task, rec.schema).units:
-            no_units += 1
+        problem = answer_problem(out, rec)
+        blank += problem == "blank"
+        no_units += problem == "no structures"
         items = examples.setdefault(uid[0], [])
         if rec is None or len(items) >= per_task or (items and items[0]["dataset"] != rec.dataset):
             continue
         items.append({"dataset": rec.dataset, "index": rec.index, "sentence": rec.sentence,
                       "gold": render_target(rec, "concise"), "prediction": out})
-    return {"answers": len(rows), "blank_answers": blank, "answers_without_structures": no_units, "examples": examples}
+    return {"answers": len(result.predictions), "blank_answers": blank, "answers_without_structures": no_units, "examples": examples}
 
 
-def _finish(stage: str, stage_dir: Path, cli, info: dict, t0: float) -> dict:
-    report = json.loads((stage_dir / "report.json").read_text())
-    info.update(answer_summary(stage_dir, cli.datamodule.test_records))
-    info["test_overall_f1"] = report.get("overall_f1")
+def _finish(stage_dir: Path, records, info: dict, result: "EvalResult", t0: float) -> tuple[dict, "EvalResult"]:
+    info.update(answer_summary(result, records))
+    info["test_overall_f1"] = result.overall_f1
     info["seconds"] = round(time.perf_counter() - t0, 1)
     (stage_dir / DONE).write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return info, result
 
 
-def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype: str) -> dict:
-    """The base model before any training (a fresh LoRA adapter is the identity), same prompts as ``config_path``."""
+def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype: str) -> tuple[dict, "EvalResult"]:
+    """The base model before any training (a fresh LoRA adapter is the identity), same prompts as ``config_path``.
+
+    Returns what ``stage.json`` holds and the test result."""
     from .callbacks import StageCost
     from .lightning_cli import build_cli
 
@@ -169,13 +166,15 @@ def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype
     cli = build_cli(args, run=False)
     info = {"stage": ZERO_SHOT, "config": config_path, "overrides": overrides, "init_adapter": None,
             "cost": StageCost().summary()}  # nothing trained
-    info["test_seconds"] = _test_decode(cli, test_dtype)
-    return _finish(ZERO_SHOT, stage_dir, cli, info, t0)
+    info["test_seconds"], result = _test_decode(cli, test_dtype)
+    return _finish(stage_dir, cli.datamodule.test_records, info, result, t0)
 
 
 def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optional[str], overrides: dict, choose: str,
-              test_dtype: str = "same") -> dict:
-    """Fit one stage (resuming if a checkpoint is there), pick its adapter, decode and score the test split."""
+              test_dtype: str = "same") -> tuple[dict, "EvalResult"]:
+    """Fit one stage (resuming if a checkpoint is there), pick its adapter, decode and score the test split.
+
+    Returns what ``stage.json`` holds and the test result."""
     from .callbacks import StageCost
     from .lightning_cli import build_cli
 
@@ -205,14 +204,17 @@ def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optio
         "adapter_checksum": adapter_checksum(chosen),
         "cost": cost.summary(),
     }
-    info["test_seconds"] = _test_decode(cli, test_dtype)
-    return _finish(stage, stage_dir, cli, info, t0)
+    info["test_seconds"], result = _test_decode(cli, test_dtype)
+    return _finish(stage_dir, cli.datamodule.test_records, info, result, t0)
 
 
-def run_pipeline(config: str, out_dir: str, restart_from: Optional[str] = None, extra: Optional[dict] = None) -> dict:
+def run_pipeline(config: Union[str, dict], out_dir: str, restart_from: Optional[str] = None, extra: Optional[dict] = None) -> dict:
+    """Run the stages of ``config`` (a pipeline YAML, or settings from :func:`load_pipeline_config`) in ``out_dir``."""
     from .reports import make_plots, print_summary, write_markdown
+    from .results import EvalResult
 
-    cfg = load_pipeline_config(config)
+    cfg = config if isinstance(config, dict) else load_pipeline_config(config)
+    config = cfg["path"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = list(cfg["stages"])
@@ -221,50 +223,32 @@ def run_pipeline(config: str, out_dir: str, restart_from: Optional[str] = None, 
             raise ValueError(f"--restart_from {restart_from!r} is not a stage of {config} ({', '.join(stages)})")
         for s in stages[stages.index(restart_from):]:
             shutil.rmtree(out / s, ignore_errors=True)
-    infos = {}
+    infos, results = {}, {}
     if cfg["zero_shot"]:
         done = out / ZERO_SHOT / DONE
         if done.is_file():
-            infos[ZERO_SHOT] = json.loads(done.read_text())
+            infos[ZERO_SHOT], results[ZERO_SHOT] = json.loads(done.read_text()), EvalResult.load(out / ZERO_SHOT)
             print(f"[prouie] pipeline: zero-shot already scored in {out / ZERO_SHOT}, skipped")
         else:
             print(f"[prouie] pipeline: scoring the base model zero-shot in {out / ZERO_SHOT}")
             own = cfg["stage_overrides"].get(ZERO_SHOT, cfg["stage_overrides"].get(stages[0], {}))
             overrides = {**cfg["overrides"], **(extra or {}), **own}
-            infos[ZERO_SHOT] = run_zero_shot(cfg["stages"][stages[0]], out / ZERO_SHOT, overrides, cfg["test_dtype"])
+            infos[ZERO_SHOT], results[ZERO_SHOT] = run_zero_shot(cfg["stages"][stages[0]], out / ZERO_SHOT, overrides, cfg["test_dtype"])
     prev_adapter: Optional[str] = None
     for s in stages:
         stage_dir = out / s
         done = stage_dir / DONE
         if done.is_file():
-            infos[s] = json.loads(done.read_text())
+            infos[s], results[s] = json.loads(done.read_text()), EvalResult.load(stage_dir)
             print(f"[prouie] pipeline: {s} already finished in {stage_dir}, skipped")
         else:
             overrides = {**cfg["overrides"], **(extra or {}), **cfg["stage_overrides"].get(s, {})}
             print(f"[prouie] pipeline: running {s} in {stage_dir}" + (f" from {prev_adapter}" if prev_adapter else ""))
-            infos[s] = run_stage(s, cfg["stages"][s], stage_dir, prev_adapter, overrides, cfg["adapter"], cfg["test_dtype"])
+            infos[s], results[s] = run_stage(s, cfg["stages"][s], stage_dir, prev_adapter, overrides, cfg["adapter"], cfg["test_dtype"])
         prev_adapter = infos[s]["adapter"]
-    reports = {s: json.loads((out / s / "report.json").read_text()) for s in infos}
-    plots = make_plots(out, reports, stages, infos)
-    write_markdown(out, reports, plots, infos)
+    plots = make_plots(out, results, stages, infos)
+    write_markdown(out, results, plots, infos)
     (out / "pipeline.json").write_text(json.dumps({"config": config, "stages": infos}, indent=2) + "\n")
-    print_summary(reports, infos)
+    print_summary(results, infos)
     print(f"[prouie] pipeline report: {out / 'report.md'}")
     return infos
-
-
-def pipeline_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m prouie_pl pipeline", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/tiny/pipeline.yaml", help="pipeline YAML (default: the embedded tiny demo)")
-    ap.add_argument("--out_dir", default="outputs/pipeline", help="output folder (one sub-folder per stage)")
-    ap.add_argument("--restart_from", choices=STAGES, default=None, help="delete this stage and the later ones, then run them again")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra fit options for every stage, e.g. data.max_val_records=8")
-    args = ap.parse_args(list(argv))
-    extra = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        extra[k] = v
-    run_pipeline(args.config, args.out_dir, args.restart_from, extra)
-    return 0

@@ -4,6 +4,9 @@ Every problem in the data is reported as one line naming the file, the record in
 ``on_error="error"`` (the default) the first pass collects every problem of the selected files and raises
 :class:`DataError` (the CLI prints the lines and exits with code 2, no traceback); with ``on_error="skip"`` bad
 records are dropped and a count per kind of problem is reported.
+
+Writing goes the other way: :func:`record_to_json` turns a :class:`Record` back into the layout's JSON form and
+:func:`write_dataset` writes one data set folder.
 """
 
 from __future__ import annotations
@@ -347,3 +350,56 @@ def load_records(root: str | os.PathLike, split: str, tasks: Optional[Iterable[s
     if problems:
         raise DataError(problems, hint=_SKIP_HINT)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def schema_json(schema: LabelSchema):
+    """A schema in ``labels.json``'s form: a list of labels, or for EE a dict ``{event type: roles}``."""
+    return dict(schema.roles) if schema.task == "EE" else list(schema.labels)
+
+
+def _pos(span) -> dict:
+    return {} if span is None else {"pos": list(span)}
+
+
+def _entity_json(ent: Entity) -> dict:
+    return {"name": ent.name, "type": ent.type, **_pos(ent.pos)}
+
+
+def record_to_json(rec: Record) -> dict:
+    """A :class:`Record` back in the layout's JSON form; reading it again gives an equal record.
+
+    ``pos`` is written where the record has one and left out where it has none (the field is optional).
+    """
+    if rec.task == "NER":
+        return {"sentence": rec.sentence, "entities": [_entity_json(e) for e in rec.entities]}
+    if rec.task == "RE":
+        return {"sentence": rec.sentence,
+                "relations": [{"head": _entity_json(r.head), "type": r.type, "tail": _entity_json(r.tail)} for r in rec.relations]}
+    return {"sentence": rec.sentence,
+            "events": [{"trigger": e.trigger, "type": e.type, **_pos(e.pos),
+                        "arguments": [{"name": a.name, "role": a.role, **_pos(a.pos)} for a in e.arguments]} for e in rec.events]}
+
+
+def write_json_array(path: str | os.PathLike, records: list[dict], separators: tuple[str, str] | None = None) -> None:
+    """Write ``records`` as a UTF-8 JSON array with one record per line, so a diff of two versions shows records."""
+    lines = ",\n".join(json.dumps(r, ensure_ascii=False, separators=separators) for r in records)
+    Path(path).write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+
+
+def write_dataset(root: str | os.PathLike, task: str, name: str, labels, splits: dict[str, list]) -> Path:
+    """Write one data set in the layout: ``ROOT/TASK/NAME/labels.json`` and one ``<split>.json`` per entry of ``splits``.
+
+    ``labels`` is the content of ``labels.json`` (or a :class:`LabelSchema`); records are layout dicts or
+    :class:`Record` objects (written with :func:`record_to_json`).  Returns the data set's folder.
+    """
+    folder = Path(root) / task / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(labels, LabelSchema):
+        labels = schema_json(labels)
+    (folder / "labels.json").write_text(json.dumps(labels, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for split, records in splits.items():
+        write_json_array(folder / f"{split}.json", [record_to_json(r) if isinstance(r, Record) else r for r in records])
+    return folder

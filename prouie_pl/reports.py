@@ -1,35 +1,32 @@
 """What each stage bought and what it cost: ``report.md``, PNG plots and a rich summary table for a pipeline folder.
 
-Takes the stages' test reports and the ``stage.json`` records the pipeline wrote (cost, blank answers,
-examples), and reads the CSV training logs (``lightning_logs/version_*/metrics.csv``) for the curves.
+Takes the stages' test results (:class:`~prouie_pl.results.EvalResult`, keyed by stage) and the ``stage.json``
+records of the pipeline (cost, blank answers, examples), and reads the CSV training logs
+(``lightning_logs/version_*/metrics.csv``) for the curves.  Each plot has its own function, which takes what it
+draws and the PNG path and returns the path, or ``None`` when there is nothing to draw.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Optional
 
-from .scoring import METRICS, overall_f1, task_scores
+from .results import EvalResult
+from .scoring import METRICS, overall_f1
 
 STAGE_NAMES = {"zero_shot": "zero-shot", "cm": "CM", "sa": "CM+SA", "de": "CM+SA+DE"}
 HEADLINE = ("NER", "RE_strict", "EE_trigger", "EE_argument")
 
 
-def parse_failures(report: dict) -> int:
-    """Unparsable answers in a report; a data set appears under several metrics of its task, count it once."""
-    return sum(v["parse_failures"] for m, t in report["tasks"].items() if m in ("NER", "RE_strict", "EE_trigger") for v in t["datasets"].values())
+def overall(result: EvalResult) -> float:
+    return round(overall_f1(result.report), 2)
 
 
-def overall(report: dict) -> float:
-    return round(overall_f1(report), 2)
-
-
-def cumulative_seconds(reports: dict[str, dict], infos: dict[str, dict]) -> list[float]:
+def cumulative_seconds(results: dict[str, EvalResult], infos: dict[str, dict]) -> list[float]:
     """Wall seconds up to the end of each stage (training + test decoding), in the stages' order."""
     out, total = [], 0.0
-    for s in reports:
+    for s in results:
         total += float(infos.get(s, {}).get("seconds", 0.0))
         out.append(round(total, 1))
     return out
@@ -55,33 +52,36 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def f1_table(reports: dict[str, dict]) -> tuple[list[str], list[list]]:
+def _dataset_f1(results: dict[str, EvalResult], metric: str) -> dict[str, list]:
+    """Data set -> F1 per stage (``None`` where a stage has no score) for one metric, data sets sorted."""
+    datasets = sorted({ds for r in results.values() for ds in r.tasks.get(metric, {}).get("datasets", {})})
+    return {ds: [r.tasks.get(metric, {}).get("datasets", {}).get(ds, {}).get("f1") for r in results.values()] for ds in datasets}
+
+
+def f1_table(results: dict[str, EvalResult]) -> tuple[list[str], list[list]]:
     """Rows: metric, data set, then F1 per stage; task averages last."""
-    stages = list(reports)
-    headers = ["metric", "data set"] + [STAGE_NAMES.get(s, s) for s in stages]
+    headers = ["metric", "data set"] + [STAGE_NAMES.get(s, s) for s in results]
     rows = []
     for metric in METRICS:
-        datasets = sorted({ds for r in reports.values() for ds in r["tasks"].get(metric, {}).get("datasets", {})})
-        for ds in datasets:
-            rows.append([metric, ds] + [reports[s]["tasks"].get(metric, {}).get("datasets", {}).get(ds, {}).get("f1") for s in stages])
+        rows += [[metric, ds] + f1s for ds, f1s in _dataset_f1(results, metric).items()]
     for metric in METRICS:
-        if any(metric in r["tasks"] for r in reports.values()):
-            rows.append([metric, "average"] + [reports[s]["tasks"].get(metric, {}).get("average_f1") for s in stages])
-    rows.append(["overall", "mean of task scores"] + [overall(reports[s]) for s in stages])
+        if any(metric in r.tasks for r in results.values()):
+            rows.append([metric, "average"] + [r.tasks.get(metric, {}).get("average_f1") for r in results.values()])
+    rows.append(["overall", "mean of task scores"] + [overall(r) for r in results.values()])
     return headers, rows
 
 
-def cost_table(reports: dict[str, dict], infos: dict[str, dict]) -> tuple[list[str], list[list]]:
+def cost_table(results: dict[str, EvalResult], infos: dict[str, dict]) -> tuple[list[str], list[list]]:
     """One row per stage: what it cost (training), what decoding the test split took, and its answers."""
     headers = ["stage", "train s", "optimizer steps", "training tokens", "GRPO completions", "test decode s",
                "cumulative s", "overall F1", "parse failures", "blank answers", "answers without structures"]
     rows = []
-    for s, total in zip(reports, cumulative_seconds(reports, infos)):
+    for s, total in zip(results, cumulative_seconds(results, infos)):
         info = infos.get(s, {})
         cost = info.get("cost", {})
         rows.append([STAGE_NAMES.get(s, s), cost.get("seconds", 0.0), cost.get("steps", 0), cost.get("tokens", 0),
-                     cost.get("completions", 0), info.get("test_seconds", 0.0), total, overall(reports[s]),
-                     parse_failures(reports[s]), info.get("blank_answers", 0), info.get("answers_without_structures", 0)])
+                     cost.get("completions", 0), info.get("test_seconds", 0.0), total, overall(results[s]),
+                     results[s].parse_failures, info.get("blank_answers", 0), info.get("answers_without_structures", 0)])
     return headers, rows
 
 
@@ -101,20 +101,20 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def write_markdown(out_dir: Path, reports: dict[str, dict], plots: list[str], infos: Optional[dict] = None) -> Path:
+def write_markdown(out_dir: Path, results: dict[str, EvalResult], plots: list[str], infos: Optional[dict] = None) -> Path:
     infos = infos or {}
-    headers, rows = f1_table(reports)
+    headers, rows = f1_table(results)
     lines = ["# ProUIE pipeline report", "", f"Test-split F1 (strict mode) before training and after each stage, in `{out_dir}`.", "",
              "| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([str(r[0]), str(r[1])] + [_fmt(v) for v in r[2:]]) + " |")
-    headers, rows = cost_table(reports, infos)
+    headers, rows = cost_table(results, infos)
     lines += ["", "## What each stage cost", "",
               "Training tokens are the non-padding tokens of the SFT batches (prompt + answer); a GRPO stage samples "
               "completions instead. Cumulative seconds include the test decoding after each stage.", "",
               "| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     lines += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in rows]
-    examples = {s: infos.get(s, {}).get("examples", {}) for s in reports}
+    examples = {s: infos.get(s, {}).get("examples", {}) for s in results}
     tasks = sorted({t for ex in examples.values() for t in ex})
     if tasks:
         lines += ["", "## Example predictions", ""]
@@ -133,110 +133,124 @@ def write_markdown(out_dir: Path, reports: dict[str, dict], plots: list[str], in
     return path
 
 
-def make_plots(out_dir: Path, reports: dict[str, dict], stages, infos: Optional[dict] = None) -> list[str]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
-    made = []
-    # F1 per data set by stage
-    labels, values = [], {s: [] for s in reports}
-    for metric in HEADLINE:
-        datasets = sorted({ds for r in reports.values() for ds in r["tasks"].get(metric, {}).get("datasets", {})})
-        for ds in datasets:
-            labels.append(f"{metric}\n{ds}")
-            for s in reports:
-                values[s].append(reports[s]["tasks"].get(metric, {}).get("datasets", {}).get(ds, {}).get("f1") or 0.0)
-    if labels:
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
-        width = 0.8 / max(1, len(reports))
-        for i, s in enumerate(reports):
-            ax.bar([x + i * width for x in range(len(labels))], values[s], width, label=STAGE_NAMES.get(s, s))
-        ax.set_xticks([x + width * (len(reports) - 1) / 2 for x in range(len(labels))])
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel("test F1")
-        ax.set_ylim(0, 100)
-        ax.set_title("F1 per data set after each stage")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "f1_by_stage.png", dpi=110)
-        plt.close(fig)
-        made.append(str(out_dir / "f1_by_stage.png"))
-    # training loss per stage
-    fig, ax = plt.subplots(figsize=(7, 4))
-    any_loss = False
-    offset = 0
-    for s in stages:
-        xs, ys = series(latest_metrics(out_dir / s), "train/loss") if s != "de" else ([], [])
-        if xs:
-            ax.plot([x + offset for x in xs], ys, label=STAGE_NAMES.get(s, s))
-            offset += max(xs) + 1
-            any_loss = True
-    if any_loss:
-        ax.set_xlabel("optimizer step (stages back to back)")
-        ax.set_ylabel("answer-token loss")
-        ax.set_title("Supervised training loss per stage")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "training_loss.png", dpi=110)
-        made.append(str(out_dir / "training_loss.png"))
-    plt.close(fig)
-    # GRPO reward curve
-    if "de" in stages:
-        xs, ys = series(latest_metrics(out_dir / "de"), "train/reward")
-        if xs:
-            fig, ax = plt.subplots(figsize=(7, 4))
-            ax.plot(xs, ys, marker=".", label="mean outcome reward")
-            xf, yf = series(latest_metrics(out_dir / "de"), "train/f1")
-            if xf:
-                ax.plot(xf, yf, marker=".", label="mean completion F1")
-            ax.set_xlabel("GRPO step")
-            ax.set_title("Deep Exploration: rollout reward")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(out_dir / "grpo_reward.png", dpi=110)
-            plt.close(fig)
-            made.append(str(out_dir / "grpo_reward.png"))
-    if infos:
-        made += plot_f1_against_compute(out_dir, reports, infos)
-    return made
+    return plt
 
 
-def plot_f1_against_compute(out_dir: Path, reports: dict[str, dict], infos: dict) -> list[str]:
-    """Overall and per-task test F1 against cumulative wall seconds (training + test decoding), one point per stage."""
+def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    xs = [t / 60.0 for t in cumulative_seconds(reports, infos)]
-    if len(xs) < 2:
-        return []
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_f1_by_stage(results: dict[str, EvalResult], path: Path) -> Optional[str]:
+    """Bars: test F1 per data set of the headline metrics, one bar per stage."""
+    labels, values = [], {s: [] for s in results}
+    for metric in HEADLINE:
+        for ds, f1s in _dataset_f1(results, metric).items():
+            labels.append(f"{metric}\n{ds}")
+            for s, f1 in zip(results, f1s):
+                values[s].append(f1 or 0.0)
+    if not labels:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    width = 0.8 / max(1, len(results))
+    for i, s in enumerate(results):
+        ax.bar([x + i * width for x in range(len(labels))], values[s], width, label=STAGE_NAMES.get(s, s))
+    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("test F1")
+    ax.set_ylim(0, 100)
+    ax.set_title("F1 per data set after each stage")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_training_loss(metrics: dict[str, list[dict]], path: Path) -> Optional[str]:
+    """The ``train/loss`` curves of the stages (stage -> CSV log rows, in order), drawn back to back."""
+    curves = {s: series(rows, "train/loss") for s, rows in metrics.items()}
+    curves = {s: c for s, c in curves.items() if c[0]}
+    if not curves:
+        return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(xs, [overall(reports[s]) for s in reports], marker="o", linewidth=2, label="overall")
-    for task in sorted({t for r in reports.values() for t in task_scores(r)}):
-        ax.plot(xs, [task_scores(reports[s]).get(task, 0.0) for s in reports], marker=".", linestyle="--", label=task)
-    for x, s in zip(xs, reports):
-        ax.annotate(STAGE_NAMES.get(s, s), (x, overall(reports[s])), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    offset = 0
+    for s, (xs, ys) in curves.items():
+        ax.plot([x + offset for x in xs], ys, label=STAGE_NAMES.get(s, s))
+        offset += max(xs) + 1
+    ax.set_xlabel("optimizer step (stages back to back)")
+    ax.set_ylabel("answer-token loss")
+    ax.set_title("Supervised training loss per stage")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_grpo_reward(rows: list[dict], path: Path) -> Optional[str]:
+    """Mean outcome reward (and mean completion F1 where logged) per GRPO step, from the DE stage's CSV log rows."""
+    xs, ys = series(rows, "train/reward")
+    if not xs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, ys, marker=".", label="mean outcome reward")
+    xf, yf = series(rows, "train/f1")
+    if xf:
+        ax.plot(xf, yf, marker=".", label="mean completion F1")
+    ax.set_xlabel("GRPO step")
+    ax.set_title("Deep Exploration: rollout reward")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_f1_against_compute(results: dict[str, EvalResult], infos: dict, path: Path) -> Optional[str]:
+    """Overall and per-task test F1 against cumulative wall seconds (training + test decoding), one point per stage."""
+    xs = [t / 60.0 for t in cumulative_seconds(results, infos)]
+    if len(xs) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, [overall(r) for r in results.values()], marker="o", linewidth=2, label="overall")
+    for task in sorted({t for r in results.values() for t in r.task_scores}):
+        ax.plot(xs, [r.task_scores.get(task, 0.0) for r in results.values()], marker=".", linestyle="--", label=task)
+    for x, (s, r) in zip(xs, results.items()):
+        ax.annotate(STAGE_NAMES.get(s, s), (x, overall(r)), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax.set_xlabel("cumulative wall minutes (training + test decoding)")
     ax.set_ylabel("test F1")
     ax.set_ylim(0, 100)
     ax.set_title("F1 against compute")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "f1_vs_compute.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [str(path)]
+    return _save(fig, path)
 
 
-def print_summary(reports: dict[str, dict], infos: Optional[dict] = None, console=None) -> None:
+def make_plots(out_dir: Path, results: dict[str, EvalResult], stages, infos: Optional[dict] = None) -> list[str]:
+    """The pipeline's PNGs in ``out_dir`` (training curves from the stage folders' CSV logs); the paths made."""
+    out_dir = Path(out_dir)
+    made = [plot_f1_by_stage(results, out_dir / "f1_by_stage.png"),
+            plot_training_loss({s: latest_metrics(out_dir / s) for s in stages if s != "de"}, out_dir / "training_loss.png")]
+    if "de" in stages:
+        made.append(plot_grpo_reward(latest_metrics(out_dir / "de"), out_dir / "grpo_reward.png"))
+    if infos:
+        made.append(plot_f1_against_compute(results, infos, out_dir / "f1_vs_compute.png"))
+    return [p for p in made if p]
+
+
+def print_summary(results: dict[str, EvalResult], infos: Optional[dict] = None, console=None) -> None:
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=None if sys.stdout.isatty() else 140)
-    headers, rows = f1_table(reports)
+    headers, rows = f1_table(results)
     table = Table(title="Test F1 by stage")
     for h in headers:
         table.add_column(h, justify="left" if h in ("metric", "data set") else "right", no_wrap=True)
@@ -246,7 +260,7 @@ def print_summary(reports: dict[str, dict], infos: Optional[dict] = None, consol
         table.add_row(*[f"[bold]{c}[/bold]" if bold else c for c in cells])
     console.print(table)
     if infos:
-        headers, rows = cost_table(reports, infos)
+        headers, rows = cost_table(results, infos)
         table = Table(title="What each stage cost")
         for h in headers:
             table.add_column(h, justify="left" if h == "stage" else "right")

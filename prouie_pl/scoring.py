@@ -34,6 +34,21 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def _share(num, den):
+    """``num / den``, 0 where ``den`` is 0 (``num`` is 0 there too); elementwise on numpy arrays."""
+    return num / (den + (den == 0))
+
+
+def precision_recall_f1(tp, fp, fn):
+    """Precision, recall and F1 (percent) from counts, 0 where undefined; F1 = 2PR / (P + R).
+
+    Works elementwise on numpy arrays of counts too (bootstrap resamples), with the same arithmetic.
+    """
+    p = _share(100.0 * tp, tp + fp)
+    r = _share(100.0 * tp, tp + fn)
+    return p, r, _share(2 * p * r, p + r)
+
+
 @dataclass
 class Counts:
     tp: int = 0
@@ -47,16 +62,15 @@ class Counts:
 
     @property
     def precision(self) -> float:
-        return 100.0 * self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+        return precision_recall_f1(self.tp, self.fp, self.fn)[0]
 
     @property
     def recall(self) -> float:
-        return 100.0 * self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+        return precision_recall_f1(self.tp, self.fp, self.fn)[1]
 
     @property
     def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r else 0.0
+        return precision_recall_f1(self.tp, self.fp, self.fn)[2]
 
 
 def metric_keys(units: Iterable[Unit], metric: str) -> set:
@@ -166,6 +180,14 @@ def task_scores(report: dict) -> dict[str, float]:
     if ee:
         out["EE"] = sum(ee) / len(ee)
     return out
+
+
+def parse_failures(report: dict) -> int:
+    """Unparsable answers in a report (missing predictions not counted).
+
+    Every metric of a task repeats its data sets' failure count, so one metric per task is summed."""
+    t = report["tasks"]
+    return sum(v["parse_failures"] for metrics in TASK_METRICS.values() if metrics[0] in t for v in t[metrics[0]]["datasets"].values())
 
 
 def overall_f1(report: dict) -> float:

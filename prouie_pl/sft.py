@@ -5,23 +5,24 @@ of the whole optimizer step (every micro-batch of a gradient-accumulation window
 token weighs the same however the step is split; the decoder runs for hidden
 states and :func:`prouie_pl.kernels.linear_token_logprobs` applies the LM head only at answer positions, in
 chunks, so the ``[batch, length, vocabulary]`` logits tensor is never built.  AdamW (or bitsandbytes' paged
-8-bit AdamW) with linear warm-up and cosine decay.  Logs loss, learning rate and non-padding tokens per
-second.  Starts from an earlier stage's adapter with ``model.lora.init_adapter`` (SA from CM).
+8-bit AdamW) with ``transformers``' linear warm-up and cosine decay to a floor, over the optimizer steps the
+run plans (:func:`prouie_pl.wiring.connect` passes the plan in).  Logs loss, answer tokens and padding share;
+throughput and learning rate come from Lightning's ``ThroughputMonitor`` (:class:`prouie_pl.callbacks.TokenThroughput`)
+and ``LearningRateMonitor`` (the schedule is named ``train/lr``) where a config lists them.  Starts from an earlier stage's adapter with ``model.lora.init_adapter`` (SA from CM).
 
 Raises ``ValueError`` for an unknown optimizer or a warm-up outside [0, 1).
 """
 
 from __future__ import annotations
 
-import time
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
 from .kernels.reference import IGNORE_INDEX
 from .kernels import linear_token_logprobs
 from .modeling import BaseModelSettings, LoRASettings, decoder_and_head
-from .optim import OPTIMIZERS, make_optimizer, warmup_cosine
+from .optim import OPTIMIZERS, make_optimizer
 from .uie_module import GenerationSettings, UIEModule
 
 def answer_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -80,7 +81,9 @@ class SFTModule(UIEModule):
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
         self.optimizer_name = optimizer
-        self._t0: Optional[float] = None
+        # the optimizer steps the LR schedule spans, asked for when the optimizer is built (after the data are set
+        # up); prouie_pl.wiring.connect gives it; without it, Lightning's estimate
+        self.schedule_steps: Optional[Callable[[], int]] = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         nll, n_answer = answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -95,36 +98,14 @@ class SFTModule(UIEModule):
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size if self._trainer is not None else 1
         return nll * scale / max(int(step_tokens), 1)
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
-
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._t0 is None:
-            return
-        dt = time.perf_counter() - self._t0
-        tokens = float(batch["attention_mask"].sum())
-        self.log("train/tokens_per_s", tokens / max(dt, 1e-9), prog_bar=True, batch_size=1)
-        self.log("train/padding_share", 1.0 - tokens / batch["attention_mask"].numel(), batch_size=1)
-        sched = self.lr_schedulers()
-        if sched is not None:
-            self.log("train/lr", sched.get_last_lr()[0], batch_size=1)
-
-    def planned_steps(self) -> int:
-        t = self.trainer
-        accumulate = t.accumulate_grad_batches
-        dm = getattr(t, "datamodule", None)
-        steps = None
-        if dm is not None and hasattr(dm, "planned_optimizer_steps") and t.max_epochs not in (None, -1):
-            steps = dm.planned_optimizer_steps(t.max_epochs, accumulate)
-        if t.max_steps and t.max_steps > 0:
-            steps = min(steps, t.max_steps) if steps else t.max_steps
-        if not steps:
-            steps = int(t.estimated_stepping_batches)
-        return max(1, steps)
+        mask = batch["attention_mask"]
+        self.log("train/padding_share", 1.0 - float(mask.sum()) / mask.numel(), batch_size=1)
 
     def configure_optimizers(self):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
         opt = make_optimizer(self.parameters(), self.optimizer_name, self.learning_rate, self.betas, self.weight_decay)
-        total = self.planned_steps()
-        warmup = int(self.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, self.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = max(1, self.schedule_steps() if self.schedule_steps is not None else int(self.trainer.estimated_stepping_batches))
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(self.warmup_ratio * total), total, min_lr_rate=self.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 from .bio import TagError, bio_record, check_scheme, label_from_tag, read_conll
-from .reader import SPLITS, DataError, DatasetInfo, LoadReport, _iter_json_array, _RecordProblem, _SKIP_HINT, discover, load_schema, parse_record
+from .reader import (SPLITS, DataError, DatasetInfo, LoadReport, _iter_json_array, _RecordProblem, _SKIP_HINT, discover, load_schema,
+                     parse_record, schema_json)
 from .schema import TASKS, LabelSchema, Record, count_units
 
 ROWS_VERSION = "rows-1"  # part of every rows fingerprint: bump when the row layout or validation changes
@@ -115,10 +116,6 @@ def fingerprint(*parts) -> str:
     from datasets.fingerprint import Hasher
 
     return Hasher.hash([ROWS_VERSION, *parts])
-
-
-def schema_json(schema: LabelSchema):
-    return dict(schema.roles) if schema.task == "EE" else list(schema.labels)
 
 
 def schema_from_json(task: str, labels) -> LabelSchema:

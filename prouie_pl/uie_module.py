@@ -36,6 +36,8 @@ class GenerationSettings:
 class UIEModule(L.LightningModule):
     """Base class: the LLM, its tokenizer, evaluation decoding and adapter-only checkpoints."""
 
+    flops_per_batch = None  # not known for a LoRA model: Lightning's ThroughputMonitor then reports no MFU
+
     def __init__(self, base: Optional[BaseModelSettings] = None, lora: Optional[LoRASettings] = None,
                  generation: Optional[GenerationSettings] = None):
         super().__init__()
@@ -146,13 +148,9 @@ class UIEModule(L.LightningModule):
     # ------------------------------------------------------------------ callbacks
 
     def configure_callbacks(self):
-        """Add the callbacks every ProUIE run needs unless the config already has them."""
-        from .callbacks import CurriculumCallback, GenerationEvaluator
+        """Add the generation-based evaluator (decoding, scoring, ``val/f1``) unless the config lists one; every
+        other callback, the curriculum's included, comes from the config."""
+        from .callbacks import GenerationEvaluator
 
-        present = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
-        extra = []
-        if not any(issubclass(t, GenerationEvaluator) for t in present):
-            extra.append(GenerationEvaluator())
-        if not any(issubclass(t, CurriculumCallback) for t in present):
-            extra.append(CurriculumCallback())
-        return extra
+        present = self.trainer.callbacks if self._trainer is not None else []
+        return [] if any(isinstance(c, GenerationEvaluator) for c in present) else [GenerationEvaluator()]

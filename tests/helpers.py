@@ -1,20 +1,6 @@
-"""Small builders shared by tests: write data sets in the IE INSTRUCTIONS layout."""
+"""Small builders shared by tests: records of the IE INSTRUCTIONS layout (written by :func:`prouie_pl.reader.write_dataset`)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
-
-
-def write_dataset(root: Path, task: str, name: str, labels, splits: dict[str, list], raw: dict[str, str] | None = None) -> Path:
-    folder = root / task / name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
-    for split, records in splits.items():
-        (folder / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
-    for split, text in (raw or {}).items():
-        (folder / f"{split}.json").write_text(text, encoding="utf-8")
-    return folder
 
 
 def ner(sentence: str, *ents: tuple[str, str]) -> dict:

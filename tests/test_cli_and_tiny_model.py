@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import filecmp
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from prouie_pl.cli import COMMANDS, main
@@ -17,7 +19,7 @@ def test_help_lists_every_command():
     proc = subprocess.run([sys.executable, "-m", "prouie_pl", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     for name in COMMANDS:
-        assert f"\n  {name} " in proc.stdout
+        assert re.search(rf"\n +{name} ", proc.stdout), name
 
 
 def test_shipped_demo_data_is_what_the_generator_makes(demo_dir, tmp_path):
@@ -73,3 +75,42 @@ def test_tiny_model_command(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["hidden_size"] == 32 and cfg["num_hidden_layers"] == 1 and cfg["vocab_size"] <= 600
     assert json.loads((tmp_path / "m" / "pretraining.json").read_text())["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------ one command line
+
+
+@pytest.mark.parametrize("command", ["fit", "render", "evaluate", "pipeline", "export", "extract", "tiny-model", "demo-data"])
+def test_every_command_takes_a_config_file_and_prints_its_config(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert command == "fit" or (out.startswith("usage: python -m prouie_pl") and f" {command} " in out.splitlines()[0])
+    assert "--config CONFIG" in out and "--print_config" in out
+
+
+def test_pipeline_config_is_the_pipeline_yaml_and_prints_back(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as exc:
+        main(["pipeline", "--config", "tiny/pipeline.yaml", "--out_dir", "somewhere", "--print_config"])
+    assert exc.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["stages"] == {"cm": "cm.yaml", "sa": "sa.yaml", "de": "de.yaml"}
+    assert cfg["adapter"] == "best" and cfg["out_dir"] == "somewhere" and cfg["set"] is None
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["fit", "--no_such_option", "1"], "no_such_option"),
+    (["pipeline", "--no_such_option", "1"], "no_such_option"),
+    (["export", "--adapter", "a", "--base", "b"], "out"),
+    (["render", "--data_dir", "d", "--out", "o", "--format", "wide"], "format"),
+    (["pipeline", "--adapter", "first"], "adapter"),
+])
+def test_bad_options_fail_the_same_way_for_every_command(argv, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and says in err and "Traceback" not in err

@@ -19,11 +19,10 @@ import pytest
 import torch
 
 import prouie_pl.grpo.module as grpo_module
-from training_helpers import REPO, assert_config_error, column, dequantised_base, single_thread, stage_config
+from training_helpers import QUIET_TRAINER as QUIET, REPO, assert_config_error, column, dequantised_base, single_thread, stage_config
 from prouie_pl.lightning_cli import build_cli
 from prouie_pl.reports import latest_metrics
 
-QUIET = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -181,7 +180,7 @@ def test_grpo_raises_greedy_reward_from_a_warm_adapter(warm_adapter, tmp_path, a
     cli = build_cli(["--config", str(cfg)], run=False)
     module, data = cli.model, cli.datamodule
     module.configure_model()
-    data.tokenizer = module.tokenizer
+    data.connect(module.tokenizer)
     data.setup("fit")
     prompts = data.train_records
     assert len(prompts) == 4 and {r.task for r in prompts} == {"NER"}

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 import prouie_pl.grpo.module as grpo_module
 from helpers import ner, rel
-from training_helpers import single_thread, write_subset
+from training_helpers import single_thread
+from prouie_pl.reader import SPLITS, write_dataset
 
 NER_LABELS = ["person", "organization", "location"]
 RE_LABELS = ["work for", "live in"]
@@ -86,7 +87,8 @@ def pinned_model_dir(tmp_path_factory):
     from prouie_pl.tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("pinned_corpus")
-    write_subset({("NER", "People"): (NER_LABELS, NER_RAW), ("RE", "Jobs"): (RE_LABELS, RE_RAW)}, root)
+    write_dataset(root, "NER", "People", NER_LABELS, dict.fromkeys(SPLITS, NER_RAW))
+    write_dataset(root, "RE", "Jobs", RE_LABELS, dict.fromkeys(SPLITS, RE_RAW))
     return build_tiny_model(tmp_path_factory.mktemp("pinned_model"), corpus=root, vocab_size=400, hidden_size=32,
                             num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, pretrain_steps=0)
 

@@ -41,13 +41,40 @@ def _pipeline_config(tmp_path: Path, model_dir: Path) -> Path:
     return path
 
 
-def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tmp_path, tiny_model_dir, capsys):
+def _spy_on_reports(monkeypatch) -> list[dict]:
+    """The results each pipeline run hands to ``write_markdown``, one dict per run."""
+    from prouie_pl import reports
+
+    seen, real = [], reports.write_markdown
+
+    def spy(out_dir, results, plots, infos=None):
+        seen.append(dict(results))
+        return real(out_dir, results, plots, infos)
+
+    monkeypatch.setattr(reports, "write_markdown", spy)
+    return seen
+
+
+def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from prouie_pl.cli import main
     from prouie_pl.pipeline import adapter_checksum
+    from prouie_pl.results import EvalResult
 
     cfg = _pipeline_config(tmp_path, tiny_model_dir)
     out = tmp_path / "out"
+    seen = _spy_on_reports(monkeypatch)
     assert main(["pipeline", "--config", str(cfg), "--out_dir", str(out)]) == 0
+
+    # the reports got the evaluator's results in memory; the files written for people say the same
+    results = seen[0]
+    assert list(results) == ["zero_shot", "cm", "sa", "de"]
+    for stage, result in results.items():
+        d = out / stage
+        assert result.split == "test" and result.report == json.loads((d / "report.json").read_text())
+        assert [p.to_json() for p in result.predictions] == [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+        info = json.loads((d / "stage.json").read_text())
+        assert info["test_overall_f1"] == result.overall_f1 and info["answers"] == len(result.predictions) == result.n == 9
+        assert EvalResult.load(d) == result
 
     for stage in ("cm", "sa", "de"):
         d = out / stage
@@ -109,12 +136,30 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
     for stage in ("cm", "sa", "de"):
         assert f"{stage} already finished" in said
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert seen[1] == results  # a skipped stage's result is read back from its folder
+    assert (out / "report.md").read_text() == md
 
     # --restart_from de redoes only DE
     assert main(["pipeline", "--config", str(cfg), "--out_dir", str(out), "--restart_from", "de"]) == 0
     said = capsys.readouterr().out
     assert "cm already finished" in said and "sa already finished" in said and "running de" in said
     assert json.loads((out / "de" / "stage.json").read_text())["init_adapter_checksum"] == info["sa"]["adapter_checksum"]
+    assert seen[2]["de"].report == json.loads((out / "de" / "report.json").read_text())
+
+
+def test_answer_summary_counts_blank_and_structure_less_answers_and_picks_the_same_examples():
+    from prouie_pl.pipeline import answer_summary
+    from prouie_pl.results import EvalResult
+
+    from test_results import ROWS
+
+    records = [rec for rec, _, _ in ROWS]
+    summary = answer_summary(EvalResult.score(reversed(ROWS), "strict", "test"), records)
+    assert (summary["answers"], summary["blank_answers"], summary["answers_without_structures"]) == (9, 2, 3)
+    assert {t: [x["index"] for x in ex] for t, ex in summary["examples"].items()} == {"EE": [0, 1], "NER": [0, 1], "RE": [0, 1]}
+    assert summary["examples"]["NER"][1] == {"dataset": "A", "index": 1, "sentence": "ner sentence 1",
+                                             "gold": '{"person": "Bob"}', "prediction": '{"person": "Bob"'}
+    assert answer_summary(EvalResult.score(ROWS), records, per_task=1)["examples"]["RE"][0]["prediction"] == '{"work for": "Ann -> IBM"}'
 
 
 def _random_adapter(model_dir: Path, out: Path, scale: float = 0.05) -> Path:

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from helpers import event, ner, rel, write_dataset
+from helpers import event, ner, rel
 from prouie_pl.cli import main
-from prouie_pl.reader import DataError, LoadReport, discover, load_records
+from prouie_pl.reader import DataError, LoadReport, discover, load_records, write_dataset
 
 
 @pytest.fixture()
@@ -67,7 +67,8 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_record_gives_one_line_and_exit_code_2(tmp_path, capsys, case):
     text, expected = BAD_CASES[case]
-    folder = write_dataset(tmp_path, "NER", "Bad", ["person"], {}, raw={"test": text})
+    folder = write_dataset(tmp_path, "NER", "Bad", ["person"], {})
+    (folder / "test.json").write_text(text, encoding="utf-8")
     code = main(["render", "--data_dir", str(tmp_path), "--split", "test", "--format", "full", "--out", str(tmp_path / "o.jsonl")])
     err = capsys.readouterr().err
     assert code == 2
@@ -103,7 +104,7 @@ def test_skip_policy_counts_problems_and_keeps_good_records(tmp_path, capsys):
     text = json.dumps(records)
     # break record 2's JSON; reading must resume at record 3
     text = text.replace('"Bob .", "entities"', '"Bob .", "entities" ', 1).replace('[{"name": "Bob"', '[{"name" "Bob"', 1)
-    write_dataset(tmp_path, "NER", "S", ["person"], {}, raw={"test": text})
+    (write_dataset(tmp_path, "NER", "S", ["person"], {}) / "test.json").write_text(text, encoding="utf-8")
     report = LoadReport()
     recs = load_records(tmp_path, "test", on_error="skip", report=report)
     assert [r.index for r in recs] == [0, 3]

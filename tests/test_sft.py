@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from conftest import needs_shared_data
-from training_helpers import REPO, assert_config_error, column, raw_record, schema_labels, stage_config, write_subset
+from training_helpers import QUIET_TRAINER as QUIET, REPO, assert_config_error, column, stage_config
 from prouie_pl.lightning_cli import build_cli
 from prouie_pl.reports import latest_metrics
 
-QUIET = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
 
 
 # ------------------------------------------------------------------ 32 real records, learned to F1 = 100
@@ -26,17 +25,16 @@ QUIET = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": F
 def memorise_setup(tmp_path_factory, shared_data):
     """32 short records from the real data (NER, RE, EE) as train and dev, and a tiny model built on them."""
     from prouie_pl.formats import render_target
-    from prouie_pl.reader import load_records
+    from prouie_pl.reader import SPLITS, load_records, write_dataset
     from prouie_pl.tiny_model import build_tiny_model
 
     picks = {"CoNLL2003": 12, "ADE_corpus": 10, "GENIA2011": 10}
-    subset = {}
+    root = tmp_path_factory.mktemp("memorise_data")
     for ds, n in picks.items():
         recs = [r for r in load_records(shared_data, "train", datasets=[ds], max_records=3000) if r.entities or r.relations or r.events]
         recs.sort(key=lambda r: (len(render_target(r, "full")) + len(r.sentence), r.index))
         chosen = recs[:n]
-        subset[(chosen[0].task, ds)] = (schema_labels(chosen[0].schema), [raw_record(r) for r in chosen])
-    root = write_subset(subset, tmp_path_factory.mktemp("memorise_data"))
+        write_dataset(root, chosen[0].task, ds, chosen[0].schema, dict.fromkeys(SPLITS, chosen))
     model = build_tiny_model(tmp_path_factory.mktemp("memorise_model"), corpus=root, vocab_size=1500, pretrain_steps=300)
     return root, model
 
@@ -56,7 +54,7 @@ def test_cm_learns_32_real_records_to_f1_100(memorise_setup, tmp_path):
             {"class_path": "prouie_pl.callbacks.AdapterExport"},
             {"class_path": "prouie_pl.callbacks.GenerationEvaluator", "init_args": {"sample_rows": 0}},
             {"class_path": "prouie_pl.callbacks.CurriculumCallback"},
-            {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+            {"class_path": "prouie_pl.callbacks.CurriculumEarlyStopping",
              "init_args": {"monitor": "val/f1", "mode": "max", "stopping_threshold": 99.99, "patience": 100}},
         ],
         "model.init_args.base.name_or_path": str(model_dir),

@@ -7,11 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-from training_helpers import stage_config
+from training_helpers import QUIET_TRAINER as QUIET, stage_config
 from prouie_pl.kernels.reference import IGNORE_INDEX
 from prouie_pl.lightning_cli import build_cli
 
-QUIET = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
 
 
 class FirstStepGradients(L.Callback):

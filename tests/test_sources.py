@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_shared_data
-from helpers import ner, write_dataset
+from helpers import ner
 from training_helpers import QUIET_TRAINER, single_thread, stage_config
 from prouie_pl.bio import TagError, bio_record, label_from_tag, record_to_bio, spans_to_tags, tags_to_spans
-from prouie_pl.reader import DataError, LoadReport, load_records
+from prouie_pl.reader import DataError, LoadReport, load_records, write_dataset
 from prouie_pl.sources import SourceSpec, load_rows, resolve_sources, rows_to_records
 
 CONLL = """-DOCSTART- -X- -X- O
@@ -223,7 +223,7 @@ def test_training_examples_equal_the_in_memory_encoding_and_are_cached(tiny_mode
 
     def examples():
         dm = UIEDataModule(data_dir=str(demo_dir), stage="cm", cache_dir=str(tmp_path / "cache"), max_train_records=20, max_seq_length=160)
-        dm.tokenizer = tok
+        dm.connect(tok)
         dm.setup("fit")
         ds = dm._sft_dataset(list(range(len(dm.train_records))), 0)
         return dm, [ds[i] for i in range(len(ds))]

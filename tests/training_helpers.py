@@ -1,9 +1,8 @@
-"""Helpers for the training tests: small data folders, stage configs derived from the shipped ones, in-process runs."""
+"""Helpers for the training tests: stage configs derived from the shipped ones, in-process runs."""
 
 from __future__ import annotations
 
 import copy
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,34 +11,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET_TRAINER = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
-
-
-def write_subset(records_by_dataset: dict, root: Path) -> Path:
-    """Write records (``{(task, name): (schema_labels, [raw records])}``) in the IE INSTRUCTIONS layout, the same
-    records in every split."""
-    for (task, name), (labels, raws) in records_by_dataset.items():
-        folder = root / task / name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "labels.json").write_text(json.dumps(labels))
-        for split in ("train", "dev", "test"):
-            (folder / f"{split}.json").write_text(json.dumps(raws))
-    return root
-
-
-def raw_record(rec) -> dict:
-    """A Record back in the layout's JSON form."""
-    if rec.task == "NER":
-        return {"sentence": rec.sentence, "entities": [{"name": e.name, "type": e.type, "pos": list(e.pos) if e.pos else None} for e in rec.entities]}
-    if rec.task == "RE":
-        ent = lambda e: {"name": e.name, "type": e.type, **({"pos": list(e.pos)} if e.pos else {})}  # noqa: E731
-        return {"sentence": rec.sentence, "relations": [{"head": ent(r.head), "type": r.type, "tail": ent(r.tail)} for r in rec.relations]}
-    return {"sentence": rec.sentence, "events": [{"trigger": e.trigger, "type": e.type, **({"pos": list(e.pos)} if e.pos else {}),
-                                                  "arguments": [{"name": a.name, "role": a.role, **({"pos": list(a.pos)} if a.pos else {})} for a in e.arguments]}
-                                                 for e in rec.events]}
-
-
-def schema_labels(schema):
-    return {t: list(r) for t, r in schema.roles.items()} if schema.task == "EE" else list(schema.labels)
 
 
 def stage_config(base: str, out: Path, **changes) -> Path:

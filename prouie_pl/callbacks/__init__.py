@@ -1,9 +1,12 @@
-"""Lightning callbacks: curriculum advance, generation-based evaluation, adapter export, stage cost."""
+"""Lightning callbacks: curriculum advance and curriculum-aware early stopping, generation-based evaluation,
+adapter export, stage cost, token throughput."""
 
 from .adapter_export import AdapterExport
 from .checkpoints import RankConsistencyCheck, StageCheckpoint
-from .curriculum import CurriculumCallback
+from .curriculum import CurriculumCallback, CurriculumEarlyStopping, PhaseListener
 from .generation_eval import GenerationEvaluator
 from .stage_cost import StageCost
+from .throughput import TokenThroughput
 
-__all__ = ["AdapterExport", "CurriculumCallback", "GenerationEvaluator", "RankConsistencyCheck", "StageCheckpoint", "StageCost"]
+__all__ = ["AdapterExport", "CurriculumCallback", "CurriculumEarlyStopping", "GenerationEvaluator", "PhaseListener",
+           "RankConsistencyCheck", "StageCheckpoint", "StageCost", "TokenThroughput"]

@@ -1,8 +1,9 @@
 """``AdapterExport``: the stage's result as a self-describing folder.
 
 At the end of fit it writes ``<dirpath>/adapter/`` (the LoRA adapter in PEFT format, loadable with
-``PeftModel.from_pretrained``, plus the tokenizer and ``training_config.yaml``: the resolved settings of the
-module and the data module).  When validation runs it also keeps ``<dirpath>/adapter_best/``, the adapter
+``PeftModel.from_pretrained``, plus the tokenizer and ``training_config.yaml``: the resolved config the command
+line saved for the run, the same as its ``config.yaml``; a trainer built in Python without the command line has
+none).  When validation runs it also keeps ``<dirpath>/adapter_best/``, the adapter
 with the best monitored score so far.
 """
 
@@ -13,34 +14,21 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
-import yaml
 
 
-def _plain(obj):
-    """Hyper-parameters as YAML-safe plain data."""
-    from dataclasses import asdict, is_dataclass
+def run_config(trainer: L.Trainer) -> Optional[str]:
+    """The run's resolved config as LightningCLI saves it (``config.yaml`` in the log folder), or None for a
+    trainer built without the command line."""
+    from lightning.pytorch.cli import SaveConfigCallback
 
-    if is_dataclass(obj):
-        return _plain(asdict(obj))
-    if isinstance(obj, dict):  # LightningCLI's bookkeeping keys (_class_path, _instantiator) are left out
-        return {str(k): _plain(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def resolved_config(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-    cfg = {"model": {"class_path": f"{type(pl_module).__module__}.{type(pl_module).__name__}", "init_args": _plain(dict(pl_module.hparams))}}
-    dm = getattr(trainer, "datamodule", None)
-    if dm is not None:
-        cfg["data"] = {"class_path": f"{type(dm).__module__}.{type(dm).__name__}", "init_args": _plain(dict(dm.hparams))}
-    return cfg
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveConfigCallback):
+            return cb.parser.dump(cb.config, skip_none=False)
+    return None
 
 
 class AdapterExport(L.Callback):
-    """Write the adapter (PEFT format), tokenizer and resolved config.
+    """Write the adapter (PEFT format), tokenizer and the run's resolved config.
 
     Args:
         dirpath: output folder (default: the trainer's ``default_root_dir``).
@@ -63,7 +51,9 @@ class AdapterExport(L.Callback):
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             pl_module.save_adapter(str(tmp))
-            (tmp / "training_config.yaml").write_text(yaml.safe_dump(resolved_config(trainer, pl_module), sort_keys=False), encoding="utf-8")
+            config = run_config(trainer)
+            if config is not None:
+                (tmp / "training_config.yaml").write_text(config, encoding="utf-8")
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
         trainer.strategy.barrier()
@@ -77,6 +67,11 @@ class AdapterExport(L.Callback):
         if better:
             self.best = value
             self._save(trainer, pl_module, "adapter_best")
+
+    def on_curriculum_phase_start(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int, phase) -> None:
+        """The last curriculum phase starts: earlier phases' scores are no yardstick for ``adapter_best``."""
+        if index == len(trainer.datamodule.curriculum.phases) - 1:
+            self.best = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module, "adapter")

@@ -3,21 +3,20 @@
 The module decodes greedily in its ``*_step`` (capped dev sample per data set for validation); this callback
 collects the outputs (across ranks), parses and scores them with the scorer, logs ``val/f1`` (the mean of the
 task scores, what early stopping watches), ``val/f1_NER`` ``val/f1_RE`` ``val/f1_EE``, the parse-failure and
-truncation rates, and prints a small table of sample predictions.  ``test`` and ``predict`` write
-``predictions.jsonl`` (the format ``evaluate`` reads) and ``report.json``.
+truncation rates, and prints a small table of sample predictions.  ``test`` and ``predict`` keep an
+:class:`~prouie_pl.results.EvalResult` in ``last_result`` and write it to ``predictions.jsonl`` (the format
+``evaluate`` reads) and ``report.json``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
 
-from ..reports import parse_failures
-from ..scoring import Scorer, overall_f1, task_scores
+from ..results import EvalResult
 
 
 def _gather(items: list) -> list:
@@ -43,7 +42,11 @@ class GenerationEvaluator(L.Callback):
         self.sample_rows = sample_rows
         self.mode = mode
         self._rows: list = []
-        self.last_report: Optional[dict] = None
+        self.last_result: Optional[EvalResult] = None  # of the latest validation, test or predict epoch
+
+    @property
+    def last_report(self) -> Optional[dict]:
+        return None if self.last_result is None else self.last_result.report
 
     # ------------------------------------------------------------------ collection
 
@@ -71,35 +74,27 @@ class GenerationEvaluator(L.Callback):
 
     # ------------------------------------------------------------------ scoring
 
-    def _score(self) -> tuple[dict, list]:
+    def _score(self, split: Optional[str] = None) -> tuple[EvalResult, list]:
         rows = _gather([(r, o, c) for r, o, c in self._rows])
         rows.sort(key=lambda x: (x[0].task, x[0].dataset, x[0].index))
-        scorer = Scorer(self.mode)
-        for rec, out, _ in rows:
-            scorer.add(rec, out)
-        report = scorer.report()
-        report["overall_f1"] = round(overall_f1(report), 4)
-        report["truncated_outputs"] = sum(1 for _, _, c in rows if c)
-        report["n"] = len(rows)
-        return report, rows
+        self.last_result = EvalResult.score(rows, self.mode, split)
+        return self.last_result, rows
 
-    def _log(self, pl_module, prefix: str, report: dict) -> None:
-        n = max(1, report["n"])
-        pl_module.log(f"{prefix}/f1", float(report["overall_f1"]), prog_bar=True, sync_dist=False)
-        for task, f1 in task_scores(report).items():
+    def _log(self, pl_module, prefix: str, result: EvalResult) -> None:
+        n = max(1, result.n)
+        pl_module.log(f"{prefix}/f1", float(result.overall_f1), prog_bar=True, sync_dist=False)
+        for task, f1 in result.task_scores.items():
             pl_module.log(f"{prefix}/f1_{task}", float(f1), sync_dist=False)
-        fails = parse_failures(report)
-        pl_module.log(f"{prefix}/parse_failure_rate", fails / n, sync_dist=False)
-        pl_module.log(f"{prefix}/truncated_rate", report["truncated_outputs"] / n, sync_dist=False)
+        pl_module.log(f"{prefix}/parse_failure_rate", result.parse_failures / n, sync_dist=False)
+        pl_module.log(f"{prefix}/truncated_rate", result.truncated / n, sync_dist=False)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        report, rows = self._score()
-        self.last_report = report
-        self._log(pl_module, "val", report)
+        result, rows = self._score()
+        self._log(pl_module, "val", result)
         if trainer.is_global_zero and self.sample_rows:
-            self._print_samples(rows, report, trainer)
+            self._print_samples(rows, result.report, trainer)
 
     def _print_samples(self, rows: list, report: dict, trainer) -> None:
         from rich.console import Console
@@ -127,26 +122,18 @@ class GenerationEvaluator(L.Callback):
     def _folder(self, trainer) -> Path:
         return Path(self.output_dir or trainer.default_root_dir)
 
-    def _write(self, trainer, split: str) -> dict:
-        report, rows = self._score()
-        report["split"] = split
-        self.last_report = report
+    def _write(self, trainer, split: str) -> EvalResult:
+        result, _ = self._score(split)
         if trainer.is_global_zero:
-            folder = self._folder(trainer)
-            folder.mkdir(parents=True, exist_ok=True)
-            with (folder / "predictions.jsonl").open("w", encoding="utf-8") as fh:
-                for rec, out, cut in rows:
-                    fh.write(json.dumps({"task": rec.task, "dataset": rec.dataset, "index": rec.index, "output": out, "truncated": cut}, ensure_ascii=False) + "\n")
-            (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            preds, report = result.write(self._folder(trainer))
             from ..evaluate import print_report
 
-            print_report(report, title=f"{split} split")
-            print(f"wrote {folder / 'predictions.jsonl'} and {folder / 'report.json'}")
-        return report
+            print_report(result.report, title=f"{split} split")
+            print(f"wrote {preds} and {report}")
+        return result
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        report = self._write(trainer, "test")
-        self._log(pl_module, "test", report)
+        self._log(pl_module, "test", self._write(trainer, "test"))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         split = getattr(trainer.datamodule, "predict_split", "test") if getattr(trainer, "datamodule", None) is not None else "test"

@@ -221,17 +221,26 @@ class LengthGroupedBatchSampler(Sampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a :class:`LengthGroupedBatchSampler` that Lightning can resume mid-epoch.
 
-    ``consumed`` reports how many of this epoch's batches training has processed (taken from the trainer at
-    checkpoint time, so batches the fetcher prefetched are not counted); loading that state makes the next
-    iteration skip them.
+    Lightning keeps ``state_dict()`` in its checkpoints (the stateful-loader protocol).  ``consumed`` counts the
+    batches training has taken this epoch: whoever feeds the batches to training calls :meth:`batch_consumed`
+    once per batch (:class:`~prouie_pl.datamodules.UIEDataModule` does from ``on_after_batch_transfer``, which
+    Lightning runs just before each training step, so batches the fetcher has prefetched are not counted).
+    Loading that state makes the next iteration skip them.
     """
 
-    def __init__(self, *args, consumed: Optional[Callable[[], int]] = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._consumed = consumed
+        self.consumed = 0
+
+    def __iter__(self):
+        self.consumed = self.batch_sampler.skip  # a resumed epoch starts with the skipped batches consumed
+        return super().__iter__()
+
+    def batch_consumed(self) -> None:
+        self.consumed += 1
 
     def state_dict(self) -> dict:
-        return {"epoch": self.batch_sampler.epoch, "consumed": int(self._consumed()) if self._consumed else 0}
+        return {"epoch": self.batch_sampler.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("epoch") == self.batch_sampler.epoch:

@@ -67,7 +67,11 @@ class Curriculum:
 
     @property
     def last_phase_start(self) -> int:
-        return sum(self.epochs[:-1])
+        return self.phase_start(len(self.phases) - 1)
+
+    def phase_start(self, index: int) -> int:
+        """The first epoch of phase ``index``."""
+        return sum(self.epochs[:index])
 
     def phase_index(self, epoch: int) -> int:
         acc = 0

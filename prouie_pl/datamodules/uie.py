@@ -160,26 +160,30 @@ class UIEDataModule(L.LightningDataModule):
         self.stats: Counter = Counter()
         self._encoded: dict = {}
         self._announced_phase: Optional[int] = None
+        self._train_loader: Optional[ResumableDataLoader] = None
         self.load_report = LoadReport()
 
     # ------------------------------------------------------------------ set-up
 
+    def connect(self, tokenizer) -> "UIEDataModule":
+        """Hand over the tokenizer of the model these batches feed (a ``data.tokenizer`` of its own wins).
+
+        The command line and the pipeline wire module and data through :func:`prouie_pl.wiring.connect`; code
+        that builds a trainer by hand calls that, or this, before ``fit``."""
+        if self.tokenizer_name is None:
+            self._tokenizer = tokenizer
+        return self
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            if self.tokenizer_name is not None:
-                from ..modeling import load_tokenizer
+            if self.tokenizer_name is None:
+                raise RuntimeError("UIEDataModule has no tokenizer: pass data.tokenizer, or call "
+                                   "prouie_pl.wiring.connect(module, data, trainer) (or data.connect(module.tokenizer)) before fit")
+            from ..modeling import load_tokenizer
 
-                self._tokenizer = load_tokenizer(self.tokenizer_name)
-            elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
-                self._tokenizer = self.trainer.lightning_module.tokenizer
-            else:
-                raise RuntimeError("UIEDataModule needs a tokenizer: pass data.tokenizer or attach it to a trainer with a ProUIE module")
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tok) -> None:
-        self._tokenizer = tok
 
     def source_sets(self):
         """The selected data sets of ``sources`` (or of ``data_dir``), resolved once."""
@@ -301,6 +305,10 @@ class UIEDataModule(L.LightningDataModule):
     def train_dataloader(self):
         epoch = self._epoch()
         phase, rows = self.phase_rows(epoch)
+        if (phase is not None and len(self.curriculum.phases) > 1 and self.trainer is not None
+                and self.trainer.reload_dataloaders_every_n_epochs != 1):
+            raise ValueError(f"the CM curriculum ({self.curriculum.describe()}) changes the training data every phase: "
+                             "add prouie_pl.callbacks.CurriculumCallback to trainer.callbacks")
         if phase is not None and self._announced_phase != self.curriculum.phase_index(epoch):
             self._announced_phase = self.curriculum.phase_index(epoch)
             rank_zero_info(f"[prouie] epoch {epoch}: curriculum phase {self._announced_phase + 1}/{len(self.curriculum.phases)} ({phase.name}), {len(rows)} records")
@@ -322,20 +330,23 @@ class UIEDataModule(L.LightningDataModule):
         sampler = LengthGroupedBatchSampler(dataset.lengths(), self.batch_size, shuffle=True, group_by_length=self.group_by_length,
                                             seed=self.seed, epoch=epoch, num_replicas=world, rank=rank,
                                             weights=weights, accumulate=accumulate)
-        consumed = None
-        if self.trainer is not None:
-            loop = self.trainer.fit_loop.epoch_loop
-            consumed = lambda: loop.batch_progress.current.processed  # noqa: E731
-        return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, consumed=consumed)
+        self._train_loader = ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        return self._train_loader
 
-    def batches_in_epoch(self, epoch: int) -> int:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning runs this just before each step: a training batch counts as consumed for mid-epoch resume."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.batch_consumed()
+        return batch
+
+    def batches_in_epoch(self, epoch: int, world_size: int = 1) -> int:
         _, rows = self.phase_rows(epoch)
-        world, _ = self._world()
-        return max(1, math.ceil(math.ceil(len(rows) / self.batch_size) / world))
+        return max(1, math.ceil(math.ceil(len(rows) / self.batch_size) / world_size))
 
-    def planned_optimizer_steps(self, max_epochs: int, accumulate: int = 1) -> int:
+    def planned_optimizer_steps(self, max_epochs: int, accumulate: int = 1, world_size: int = 1) -> int:
         """Optimizer steps over ``max_epochs`` epochs (phases may differ in size), for LR schedules."""
-        return sum(math.ceil(self.batches_in_epoch(e) / accumulate) for e in range(max_epochs))
+        return sum(math.ceil(self.batches_in_epoch(e, world_size) / accumulate) for e in range(max_epochs))
 
     # ------------------------------------------------------------------ generation data
 

@@ -14,10 +14,11 @@ allow redistribution (:mod:`prouie_pl.demo_data.real`, ``data_dir: demo_real``).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Callable
+
+from ..reader import write_dataset
 
 DEMO_SIZES = {"train": 240, "dev": 40, "test": 40}
 DEFAULT_SEED = 20240607
@@ -170,20 +171,13 @@ def generate(out_dir: str | Path, seed: int = DEFAULT_SEED, sizes: dict[str, int
     """Write the demo data sets under ``out_dir`` (IE INSTRUCTIONS layout); same seed, same bytes."""
     out = Path(out_dir)
     sizes = sizes or DEMO_SIZES
-    for rel, (_task, make, labels) in sorted(DATASETS.items()):
-        folder = out / rel
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
+    for rel, (task, make, labels) in sorted(DATASETS.items()):
+        splits = {}
         for split in ("train", "dev", "test"):
             rng = random.Random(f"{seed}/{rel}/{split}")
-            write_json_array(folder / f"{split}.json", [make(rng) for _ in range(sizes[split])])
+            splits[split] = [make(rng) for _ in range(sizes[split])]
+        write_dataset(out, task, rel.split("/", 1)[1], labels, splits)
     return out
-
-
-def write_json_array(path: str | Path, records: list[dict], separators: tuple[str, str] | None = None) -> None:
-    """Write ``records`` as a JSON array with one record per line, so a diff of two versions shows records."""
-    lines = ",\n".join(json.dumps(r, ensure_ascii=False, separators=separators) for r in records)
-    Path(path).write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
 def demo_data_dir() -> Path:

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import DEFAULT_SEED, real_demo_data_dir, write_json_array
+from ..reader import write_json_array
+from . import DEFAULT_SEED, real_demo_data_dir
 
 SPLITS = ("train", "dev", "test")
 GOLD_KEY = {"NER": "entities", "RE": "relations", "EE": "events"}

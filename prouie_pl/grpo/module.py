@@ -40,7 +40,7 @@ import torch
 from ..kernels import grpo_loss
 from ..kernels.reference import LOSS_TYPES
 from ..modeling import BaseModelSettings, LoRASettings
-from ..optim import OPTIMIZERS, make_optimizer, warmup_constant
+from ..optim import OPTIMIZERS, make_optimizer
 from ..rewards import RewardSettings
 from ..schema import Record
 from ..uie_module import GenerationSettings, UIEModule
@@ -160,8 +160,10 @@ class GRPOModule(UIEModule):
 
     def configure_optimizers(self):
         opt = make_optimizer(self.parameters(), self.optimizer_name, self.learning_rate, self.betas, self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_constant(self.warmup_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        from transformers import get_constant_schedule_with_warmup
+
+        sched = get_constant_schedule_with_warmup(opt, self.warmup_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     # ------------------------------------------------------------------ the step
 
