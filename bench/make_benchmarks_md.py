@@ -25,8 +25,9 @@ float32): SFT split into decoder forward, the chunked answer-only LM head and ba
 tokens/s at batch 1, 8 and 32; a GRPO step by the module's timers. Each dtype runs in its own process, so peak
 RSS is that configuration's."""),
     ("compare_trl", "ProUIE-PL against TRL on the same work", "python bench/compare_trl.py", """\
-SFT: non-padding tokens per second of ProUIE-PL's `SFTModule` and TRL's `SFTTrainer` on the same token ids, labels,
-tiny model, LoRA, batch size, learning rate and step count. GRPO: completions and completion tokens per second of
+One section per base model (`--model tiny`, `--model gemma-3-270m`), each rewritten only by its own run. SFT:
+non-padding tokens per second and peak RSS of ProUIE-PL's `SFTModule` and TRL's `SFTTrainer` on the same token ids,
+labels, base model, LoRA, batch size, learning rate and step count. GRPO: completions and completion tokens per second of
 `GRPOModule` and TRL's `GRPOTrainer` from the same SFT-warmed adapter with the same outcome reward, group size,
 sampling and completion cap. Runs alternate between the two sides in fresh processes; "ratio of medians" divides
 the medians over runs, "per pair" each ProUIE-PL run by the TRL run after it. Differences in how each side batches
