@@ -270,12 +270,13 @@ def headline(report: dict) -> dict[tuple[str, str], float]:
 
 
 def score_tables(args, runs: dict, diffs: dict) -> str:
+    from prouie_pl.scoring import parse_failures
+
     reports = {a: [r["arms"][a]["report"] for r in runs.values()] for a in ARMS}
     mean = {a: {k: statistics.mean(headline(r)[k] for r in reports[a]) for k in headline(reports[a][0])} for a in ARMS}
     keys = list(mean["mixed"])
     names = [f"{m} {ds}" if m else ds for ds, m in keys]
-    fails = {a: statistics.mean(sum(v["parse_failures"] for m in ("NER", "RE_strict", "EE_trigger") if m in r["tasks"]
-                                    for v in r["tasks"][m]["datasets"].values()) for r in reports[a]) for a in ARMS}
+    fails = {a: statistics.mean(parse_failures(r) for r in reports[a]) for a in ARMS}
     f1_rows = [[a] + [f"{mean[a][k]:.1f}" for k in keys] + [f"{fails[a]:g}"] for a in ARMS]
     diff_rows = [[a] + [f"{mean[a][k] - mean['mixed'][k]:+.1f} [{diffs[a][k][0]:+.1f}, {diffs[a][k][1]:+.1f}]" for k in keys]
                  for a in ARMS[1:]]
