@@ -279,7 +279,9 @@ def _with_shipped_configs(argv: list[str]) -> list[str]:
             raise FileNotFoundError(f"--config {path}: the {kind} is neither a file nor a shipped config (shipped: {', '.join(shipped)})")
     if argv and argv[0] == "pipeline" and not any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
         if not any(a in ("-h", "--help") for a in argv):
-            argv = [argv[0], "--config", embedded_config_args(["--config", "tiny/pipeline.yaml"])[1], *argv[1:]]
+            from .config_files import resolve_config
+
+            argv = [argv[0], "--config", resolve_config("tiny/pipeline.yaml"), *argv[1:]]
     return argv
 
 
