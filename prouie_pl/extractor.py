@@ -384,7 +384,10 @@ class Extractor:
             lm = _load(lambda: load_model(settings, None, load_on), f"base model {base_name!r} of adapter {path}", "--base")
             from peft import PeftModel
 
+            from .modeling import check_adapter_keys, read_adapter_weights
+
             lm = PeftModel.from_pretrained(lm, str(path))
+            check_adapter_keys(lm, read_adapter_weights(path), path)
             if quantization == "none":
                 lm = lm.merge_and_unload()  # plain weights decode faster; a 4-bit base keeps the adapter apart
             tok_src = str(path) if (path / "tokenizer_config.json").is_file() else base_name

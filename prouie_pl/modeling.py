@@ -148,12 +148,49 @@ def resolve_dtype(name: str, device: Optional[torch.device] = None) -> torch.dty
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def input_embedding_on_disk(path: str) -> Optional[torch.Tensor]:
+    """The input embedding matrix of the safetensors weights in folder ``path`` (memory-mapped, only that tensor),
+    or None when the folder holds none (a hub id, an adapter folder, other weight formats)."""
+    import json
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [folder / f for k, f in weight_map.items() if k.endswith(EMBEDDING_SUFFIXES)]
+    from safetensors import safe_open
+
+    for file in files:
+        if not file.is_file():
+            continue
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key.endswith(EMBEDDING_SUFFIXES):
+                    return f.get_tensor(key)
+    return None
+
+
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model, with the chat format the model can write (:func:`prouie_pl.chat.adapt_chat_format`:
+    a base model whose turn-end marker has an untrained embedding row gets the plain format, answers ending
+    with ``eos``); the decision needs the weights on disk, and :func:`prouie_pl.chat.check_answer_end` repeats
+    it on the loaded model."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    from .chat import adapt_chat_format
+
+    path = resolve_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None):
+        adapt_chat_format(tok, input_embedding_on_disk(path), name_or_path)
     return tok
 
 
@@ -200,11 +237,44 @@ def load_model(base: BaseModelSettings, lora: Optional[LoRASettings], device: Op
         if not (Path(lora.init_adapter) / "adapter_config.json").is_file():
             raise ValueError(f"model.lora.init_adapter {lora.init_adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
         peft_model = PeftModel.from_pretrained(model, lora.init_adapter, is_trainable=True)
+        check_adapter_keys(peft_model, read_adapter_weights(lora.init_adapter), lora.init_adapter)
     else:
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                             bias="none", task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, config)
     return peft_model
+
+
+def read_adapter_weights(folder: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter folder (``adapter_model.safetensors``, else ``adapter_model.bin``)."""
+    path = Path(folder)
+    st = path / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    if (path / "adapter_model.bin").is_file():
+        return torch.load(path / "adapter_model.bin", map_location="cpu")
+    raise ValueError(f"adapter {folder}: neither adapter_model.safetensors nor adapter_model.bin")
+
+
+def check_adapter_keys(model, weights: dict, folder: Union[str, Path]) -> None:
+    """Raise unless ``weights`` (an adapter file's tensors) holds exactly the adapter tensors ``model`` has.
+
+    A LoRA tensor missing from the file would keep its fresh initialisation (B = 0) and the adapter would load
+    half-way, which looks like a collapsed model, not like an error; a tensor the model lacks means another
+    layout.  PEFT itself only warns on either."""
+    from peft import get_peft_model_state_dict
+
+    expected = set(get_peft_model_state_dict(model))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing:
+        raise ValueError(f"adapter {folder} lacks {len(missing)} of the {len(expected)} adapter tensors this model has, "
+                         f"e.g. {missing[:2]}: the file is incomplete or was saved from another LoRA layout "
+                         "(model.lora.r / target_modules)")
+    if unexpected:
+        raise ValueError(f"adapter {folder} does not fit this model: {len(unexpected)} tensors it has no place for, "
+                         f"e.g. {unexpected[:2]}")
 
 
 def keep_trainable_4bit_layout(model) -> int:

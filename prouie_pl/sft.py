@@ -5,8 +5,9 @@ of the whole optimizer step (every micro-batch of a gradient-accumulation window
 token weighs the same however the step is split; the decoder runs for hidden
 states and :func:`prouie_pl.kernels.linear_token_logprobs` applies the LM head only at answer positions, in
 chunks, so the ``[batch, length, vocabulary]`` logits tensor is never built.  AdamW (or bitsandbytes' paged
-8-bit AdamW) with ``transformers``' linear warm-up and cosine decay to a floor, over the optimizer steps the
-run plans (:func:`prouie_pl.wiring.connect` passes the plan in).  Logs loss, answer tokens and padding share;
+8-bit AdamW) with linear warm-up and cosine decay to a floor, over the optimizer steps the run plans
+(:func:`prouie_pl.wiring.connect` passes the plan in) or over ``trainer.max_time`` when that ends the stage first
+(:mod:`prouie_pl.optim`).  Logs loss, answer tokens and padding share;
 throughput and learning rate come from Lightning's ``ThroughputMonitor`` (:class:`prouie_pl.callbacks.TokenThroughput`)
 and ``LearningRateMonitor`` (the schedule is named ``train/lr``) where a config lists them.  Starts from an earlier stage's adapter with ``model.lora.init_adapter`` (SA from CM).
 
@@ -22,7 +23,7 @@ import torch
 from .kernels.reference import IGNORE_INDEX
 from .kernels import linear_token_logprobs
 from .modeling import BaseModelSettings, LoRASettings, decoder_and_head
-from .optim import OPTIMIZERS, make_optimizer
+from .optim import OPTIMIZERS, make_optimizer, trainer_clock, warmup_cosine_schedule
 from .uie_module import GenerationSettings, UIEModule
 
 def answer_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -103,9 +104,8 @@ class SFTModule(UIEModule):
         self.log("train/padding_share", 1.0 - float(mask.sum()) / mask.numel(), batch_size=1)
 
     def configure_optimizers(self):
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
         opt = make_optimizer(self.parameters(), self.optimizer_name, self.learning_rate, self.betas, self.weight_decay)
         total = max(1, self.schedule_steps() if self.schedule_steps is not None else int(self.trainer.estimated_stepping_batches))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(self.warmup_ratio * total), total, min_lr_rate=self.min_lr_ratio)
+        # a stage that trainer.max_time ends early still decays to its floor (prouie_pl.optim)
+        sched = warmup_cosine_schedule(opt, total, self.warmup_ratio, self.min_lr_ratio, trainer_clock(self.trainer))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}

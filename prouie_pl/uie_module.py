@@ -65,6 +65,9 @@ class UIEModule(L.LightningModule):
             device = self.trainer.strategy.root_device
             self._check_strategy()
         self.model = load_model(self.base_settings, self.lora_settings, device)
+        from .chat import check_answer_end
+
+        check_answer_end(self.tokenizer, self.model)
 
     def _check_strategy(self) -> None:
         name = type(self.trainer.strategy).__name__.lower()
@@ -81,23 +84,15 @@ class UIEModule(L.LightningModule):
         checkpoint["prouie_base"] = asdict(self.base_settings)
 
     def load_adapter_weights(self, folder: str) -> None:
-        """Load the weights of a saved adapter (same LoRA shape) into the current model."""
-        from pathlib import Path
-
+        """Load the weights of a saved adapter (same LoRA shape) into the current model; every LoRA tensor of
+        the model must come from the file (:func:`prouie_pl.modeling.check_adapter_keys`)."""
         from peft import set_peft_model_state_dict
 
-        path = Path(folder)
-        st = path / "adapter_model.safetensors"
-        if st.is_file():
-            from safetensors.torch import load_file
+        from .modeling import check_adapter_keys, read_adapter_weights
 
-            weights = load_file(str(st))
-        else:
-            weights = torch.load(path / "adapter_model.bin", map_location="cpu")
-        result = set_peft_model_state_dict(self.model, weights)
-        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if missing:
-            raise ValueError(f"adapter {folder} does not fit this model: unexpected keys {missing[:3]}")
+        weights = read_adapter_weights(folder)
+        check_adapter_keys(self.model, weights, folder)
+        set_peft_model_state_dict(self.model, weights)
 
     def save_adapter(self, folder: str) -> None:
         """The adapter in PEFT format (``PeftModel.from_pretrained`` loads it) plus the tokenizer."""

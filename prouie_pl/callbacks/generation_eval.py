@@ -27,6 +27,25 @@ def _gather(items: list) -> list:
     return items
 
 
+def cap_below_gold(records, fmt: str, tokenizer, max_new_tokens: int, split: str = "test") -> Optional[str]:
+    """A message naming the data sets whose gold answers (``fmt``, with the answer's end token) exceed
+    ``max_new_tokens``, with the figures; None when the cap holds every gold answer."""
+    from ..chat import answer_ids
+    from ..formats import render_target
+
+    lengths: dict = {}
+    for rec in records:
+        lengths.setdefault(f"{rec.task}/{rec.dataset}", []).append(len(answer_ids(tokenizer, render_target(rec, fmt))))
+    over = {ds: v for ds, v in lengths.items() if max(v) > max_new_tokens}
+    if not over:
+        return None
+    parts = [f"{ds}: {sum(n > max_new_tokens for n in v)} of {len(v)} (gold mean {sum(v) / len(v):.0f}, max {max(v)} tokens)"
+             for ds, v in over.items()]
+    need = max(max(v) for v in over.values())
+    return (f"model.generation.max_new_tokens={max_new_tokens} is shorter than {fmt}-format gold answers of the {split} "
+            f"split, which will be cut and count as parse failures: {'; '.join(parts)}. Raise it to at least {need}.")
+
+
 class GenerationEvaluator(L.Callback):
     """Scores decoded outputs; writes predictions and reports for test and predict.
 
@@ -43,10 +62,40 @@ class GenerationEvaluator(L.Callback):
         self.mode = mode
         self._rows: list = []
         self.last_result: Optional[EvalResult] = None  # of the latest validation, test or predict epoch
+        self.cap_warnings: list[str] = []  # gold answers longer than the token cap (see cap_below_gold)
+        self._cap_checked: dict = {}
 
     @property
     def last_report(self) -> Optional[dict]:
         return None if self.last_result is None else self.last_result.report
+
+    # ------------------------------------------------------------------ the token cap against the gold
+
+    def _check_cap(self, trainer, pl_module, split: str) -> None:
+        """Warn when ``generation.max_new_tokens`` is below gold answers of the records about to be decoded: such
+        answers are cut however good the model is, and count as parse failures."""
+        data = getattr(trainer, "datamodule", None)
+        records = getattr(data, {"dev": "val_records", "test": "test_records"}.get(split, "predict_records"), None)
+        settings = getattr(pl_module, "generation_settings", None)
+        if not records or settings is None or getattr(data, "format", None) is None or not trainer.is_global_zero:
+            return
+        message = cap_below_gold(records, data.format, pl_module.tokenizer, settings.max_new_tokens, split)
+        if message:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            self.cap_warnings.append(message)
+            rank_zero_warn(message)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and not self._cap_checked.get("dev"):
+            self._cap_checked["dev"] = True
+            self._check_cap(trainer, pl_module, "dev")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._check_cap(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._check_cap(trainer, pl_module, getattr(trainer.datamodule, "predict_split", "test"))
 
     # ------------------------------------------------------------------ collection
 

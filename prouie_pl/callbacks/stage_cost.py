@@ -1,4 +1,5 @@
-"""What a training stage cost: wall seconds, optimizer steps, training tokens, GRPO completions sampled.
+"""What a training stage cost: wall seconds (and the share of them spent in validation), optimizer steps,
+training tokens, GRPO completions sampled.
 
 The counters live in the callback's state, which Lightning saves in every checkpoint, so a stage resumed from
 ``last.ckpt`` reports the cost of the whole stage, not of its last piece.  SFT batches count their
@@ -18,8 +19,17 @@ from ..kernels.reference import IGNORE_INDEX
 
 class StageCost(L.Callback):
     def __init__(self):
-        self.state = {"seconds": 0.0, "steps": 0, "tokens": 0, "answer_tokens": 0, "completions": 0}
+        self.state = {"seconds": 0.0, "validation_seconds": 0.0, "steps": 0, "tokens": 0, "answer_tokens": 0, "completions": 0}
         self._t0: float | None = None
+        self._v0: float | None = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._v0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._v0 is not None:
+            self.state["validation_seconds"] += time.perf_counter() - self._v0
+            self._v0 = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
@@ -62,4 +72,5 @@ class StageCost(L.Callback):
         self.state.update({k: type(self.state[k])(v) for k, v in state_dict.items() if k in self.state})
 
     def summary(self) -> dict:
-        return {**self.state, "seconds": round(self.state["seconds"], 1)}
+        return {**self.state, "seconds": round(self.state["seconds"], 1),
+                "validation_seconds": round(self.state["validation_seconds"], 1)}

@@ -145,12 +145,31 @@ def collate_prompts(pad_id: int) -> Callable:
     return collate
 
 
+class EpochHandle:
+    """What Lightning finds at ``batch_sampler.sampler``: it calls ``set_epoch`` there (and on ``loader.sampler``)
+    at the start of every training epoch, never on a batch sampler itself; this passes the call on."""
+
+    def __init__(self, owner: "LengthGroupedBatchSampler"):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class LengthGroupedBatchSampler(Sampler):
-    """Index batches; similar lengths together when ``group_by_length``; this rank's share only."""
+    """Index batches; similar lengths together when ``group_by_length``; this rank's share only.
+
+    Reshuffled every epoch by ``seed`` and the epoch Lightning hands to ``set_epoch`` (through
+    :class:`EpochHandle` at ``.sampler``).  Given ``strata`` (a label per example, such as "the answer is
+    empty"), every batch holds each stratum near its share of the data: length grouping then orders each
+    stratum by length and interleaves them, instead of packing the shortest examples (the empty answers)
+    into batches of their own.
+    """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, group_by_length: bool = True,
                  seed: int = 0, epoch: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
-                 mega_batch_mult: int = 16, weights: Optional[Sequence[int]] = None, accumulate: int = 1):
+                 mega_batch_mult: int = 16, weights: Optional[Sequence[int]] = None, accumulate: int = 1,
+                 strata: Optional[Sequence] = None):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, not {batch_size}")
         self.lengths = list(lengths)
@@ -167,7 +186,11 @@ class LengthGroupedBatchSampler(Sampler):
         if self.weights is not None and len(self.weights) != len(self.lengths):
             raise ValueError(f"{len(self.weights)} weights for {len(self.lengths)} examples")
         self.accumulate = max(1, int(accumulate))
+        self.strata = None if strata is None else list(strata)
+        if self.strata is not None and len(self.strata) != len(self.lengths):
+            raise ValueError(f"{len(self.strata)} strata labels for {len(self.lengths)} examples")
         self.skip = 0
+        self.sampler = EpochHandle(self)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -184,12 +207,14 @@ class LengthGroupedBatchSampler(Sampler):
             size = step * self.mega * self.num_replicas
             chunks = []
             for s in range(0, len(idx), size):
-                mega = sorted(idx[s:s + size], key=lambda i: -self.lengths[i])
+                mega = self._by_length(idx[s:s + size])
                 chunks.extend(mega[j:j + step] for j in range(0, len(mega), step))
             batches = chunks
             if self.shuffle:
                 rng.shuffle(batches)
         else:
+            if self.strata is not None:
+                idx = self._interleave(idx)
             batches = [idx[j:j + step] for j in range(0, len(idx), step)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == step]
@@ -207,6 +232,27 @@ class LengthGroupedBatchSampler(Sampler):
                 for b in window:
                     b.step_weight = total_weight
         return batches[self.rank::self.num_replicas] if self.num_replicas > 1 else batches
+
+    def _by_length(self, idx: list[int]) -> list[int]:
+        """Longest first; with strata, each stratum longest first, interleaved by share."""
+        if self.strata is None:
+            return sorted(idx, key=lambda i: -self.lengths[i])
+        return self._interleave(idx, key=lambda i: -self.lengths[i])
+
+    def _interleave(self, idx: list[int], key=None) -> list[int]:
+        """``idx`` with every stratum spread evenly: the k-th of a stratum's n members (in ``key`` order, or as
+        given) sits at relative position (k + 1/2) / n, so any run of consecutive positions holds each stratum
+        near its share."""
+        groups: dict = {}
+        for i in idx:
+            groups.setdefault(self.strata[i], []).append(i)
+        placed = []
+        for g, members in enumerate(groups.values()):
+            if key is not None:
+                members = sorted(members, key=key)
+            n = len(members)
+            placed.extend(((k + 0.5) / n, g, i) for k, i in enumerate(members))
+        return [i for _, _, i in sorted(placed)]
 
     def __iter__(self):
         batches = self._all_batches()

@@ -23,7 +23,7 @@ from ..reader import parse_record
 from ..schema import LabelSchema
 from .batching import Encoded, SFTItems
 
-ENCODE_VERSION = "encode-1"  # part of the fingerprint: bump when what an example holds changes
+ENCODE_VERSION = "encode-2"  # part of the fingerprint: bump when what an example holds changes (2: answer-end rule)
 
 
 def tokenizer_id(tokenizer) -> str:

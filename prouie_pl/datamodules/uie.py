@@ -325,11 +325,15 @@ class UIEDataModule(L.LightningDataModule):
             collate = collate_sft(self.tokenizer.pad_token_id)
         if len(dataset) == 0:
             raise DataError(f"no training examples left for epoch {epoch} (raise data.max_seq_length?)")
-        weights = dataset.answer_tokens() if isinstance(dataset, ArrowSFTDataset) else None
+        sft = isinstance(dataset, ArrowSFTDataset)
+        weights = dataset.answer_tokens() if sft else None
+        # "nothing found" answers ({} in the concise format) are the shortest: spread them over the batches at
+        # their share of the data instead of letting length grouping pack them together
+        strata = [self._units[i] == 0 for i in dataset.indices] if sft else None
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         sampler = LengthGroupedBatchSampler(dataset.lengths(), self.batch_size, shuffle=True, group_by_length=self.group_by_length,
                                             seed=self.seed, epoch=epoch, num_replicas=world, rank=rank,
-                                            weights=weights, accumulate=accumulate)
+                                            weights=weights, accumulate=accumulate, strata=strata)
         self._train_loader = ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
         return self._train_loader
 
