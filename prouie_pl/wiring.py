@@ -19,11 +19,13 @@ from typing import Optional
 
 def planned_steps(data, trainer) -> int:
     """Optimizer steps the run will take: the data's own plan over ``trainer.max_epochs`` (curriculum phases
-    differ in size, so ``trainer.estimated_stepping_batches``, which multiplies the first epoch, would be off),
-    capped by ``trainer.max_steps``; the trainer's estimate where neither is known."""
+    differ in size, so ``trainer.estimated_stepping_batches``, which multiplies the first epoch, would be off)
+    with epochs cut at ``trainer.limit_train_batches``, capped by ``trainer.max_steps``; the trainer's estimate
+    where neither is known."""
     steps: Optional[int] = None
     if hasattr(data, "planned_optimizer_steps") and trainer.max_epochs not in (None, -1):
-        steps = data.planned_optimizer_steps(trainer.max_epochs, trainer.accumulate_grad_batches, max(1, trainer.world_size))
+        steps = data.planned_optimizer_steps(trainer.max_epochs, trainer.accumulate_grad_batches, max(1, trainer.world_size),
+                                             trainer.limit_train_batches)
     if trainer.max_steps and trainer.max_steps > 0:
         steps = min(steps, trainer.max_steps) if steps else trainer.max_steps
     if not steps:

@@ -43,6 +43,13 @@ def test_the_command_line_connects_tokenizer_and_schedule_length(tmp_path):
     capped = _cm_cli(tmp_path, "capped", **{"trainer.max_steps": 7})
     capped.datamodule.setup("fit")
     assert capped.model.schedule_steps() == 7
+    # epochs cut by limit_train_batches plan only the batches they run, so the schedule still reaches its floor
+    limited = _cm_cli(tmp_path, "limited", **{"trainer.limit_train_batches": 3})
+    limited.datamodule.setup("fit")
+    assert limited.model.schedule_steps() == 9
+    share = _cm_cli(tmp_path, "share", **{"trainer.limit_train_batches": 0.5})
+    share.datamodule.setup("fit")
+    assert share.model.schedule_steps() == 2 + 5 + 7  # int(5 / 2) + int(10 / 2) + int(15 / 2)
 
 
 def test_lr_follows_warmup_then_cosine_over_the_planned_steps(tmp_path):

@@ -348,9 +348,20 @@ class UIEDataModule(L.LightningDataModule):
         _, rows = self.phase_rows(epoch)
         return max(1, math.ceil(math.ceil(len(rows) / self.batch_size) / world_size))
 
-    def planned_optimizer_steps(self, max_epochs: int, accumulate: int = 1, world_size: int = 1) -> int:
-        """Optimizer steps over ``max_epochs`` epochs (phases may differ in size), for LR schedules."""
-        return sum(math.ceil(self.batches_in_epoch(e, world_size) / accumulate) for e in range(max_epochs))
+    def planned_optimizer_steps(self, max_epochs: int, accumulate: int = 1, world_size: int = 1,
+                                limit_batches: Union[int, float, None] = None) -> int:
+        """Optimizer steps over ``max_epochs`` epochs (phases may differ in size), for LR schedules;
+        ``limit_batches`` is ``trainer.limit_train_batches`` (a count, or a share of each epoch, as Lightning
+        reads it): an epoch cut to fewer batches plans fewer steps, so the schedule still decays."""
+        def batches(e: int) -> int:
+            n = self.batches_in_epoch(e, world_size)
+            if limit_batches is None or (isinstance(limit_batches, float) and limit_batches >= 1.0):
+                return n
+            if isinstance(limit_batches, float):
+                return max(1, int(n * limit_batches))
+            return max(1, min(n, int(limit_batches)))
+
+        return sum(math.ceil(batches(e) / accumulate) for e in range(max_epochs))
 
     # ------------------------------------------------------------------ generation data
 
