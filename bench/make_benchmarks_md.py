@@ -64,9 +64,10 @@ Parsing and scoring rendered gold targets of all 18 test splits of `../shared/da
 strict and the InstructUIE-compatible modes. F1 is 100 by construction: the point is speed and that parsing
 round-trips."""),
     ("stage_ablation_gemma-3-270m", "Stage ablation on real data (Gemma 3 270M)", "python bench/stage_ablation.py --model gemma-3-270m", """\
-Strict test F1 per data set of mixed multitask SFT, CM, CM+SA and CM+SA+DE when every arm trains for the same
-wall-clock seconds on the 2-core CPU, with paired bootstrap intervals of each arm's difference from mixed SFT and
-what each stage cost (seconds, steps, tokens, GRPO completions). The script's docstring gives the budget split."""),
+Strict test F1 per data set after each stage of one CM -> SA -> DE chain, and of mixed multitask SFT trained for
+the chain's training seconds, on the 2-core CPU: paired bootstrap intervals of what each stage adds (CM+SA - CM,
+CM+SA+DE - CM+SA) and of the chain against mixed SFT, parse failures and empty answers per arm, CM's dev curve, and
+what each stage cost (seconds, steps, tokens, GRPO completions). The script's docstring gives the design."""),
 ]
 
 

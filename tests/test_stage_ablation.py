@@ -27,41 +27,29 @@ def one_thread():
         yield
 
 
-CAL = {"full": {"s_per_token": 1e-3}, "concise": {"s_per_token": 5e-4},
-       "tokens": {"NER": {"n": 10, "full": 100.0, "concise": 60.0}, "RE": {"n": 10, "full": 200.0, "concise": 80.0},
-                  "EE": {"n": 10, "full": 300.0, "concise": 100.0}}}
+def args_for(tmp_path, **extra):
+    base = dict(model="tiny", datasets=["NER/DemoNER", "RE/DemoRE", "EE/DemoEE"], train=16, dev=2, test=3, sa_per_dataset=4,
+                data_dir=tmp_path / "data", root=tmp_path / "seed1", n_tasks=3, cm_unit=1, sa_epochs=1, de_steps=2,
+                max_new_tokens_full=8, max_new_tokens_concise=8)
+    return Namespace(**{**base, **extra})
 
 
-@pytest.mark.parametrize("budget,cm,de", [(600, 0.6, 0.2), (10, 0.6, 0.2), (97, 0.5, 0.3)])
-def test_every_arm_trains_for_the_budget_and_de_shares_the_cm_stage_of_cm_sa(budget, cm, de):
-    plan = sa.arm_stages(budget, cm, de)
-    assert list(plan) == list(sa.ARMS)
-    for arm, stages in plan.items():
-        assert sum(s.seconds for s in stages) == budget, arm
-        assert [s.after for s in stages[1:]] == [s.name for s in stages[:-1]], arm  # each stage starts from the last
-    assert plan["CM+SA+DE"][0] is plan["CM+SA"][0]
-    assert [s.kind for s in plan["CM+SA+DE"]] == ["cm", "sa", "de"] and plan["CM"][0].name != plan["CM+SA"][0].name
-    assert plan["CM+SA+DE"][2].seconds == round(de * budget)
-    with pytest.raises(SystemExit, match="leave a stage without time"):
-        sa.arm_stages(budget, 0.7, 0.3)
-
-
-def test_cm_tokens_weigh_phase_i_by_i_and_the_others_mix_every_task():
-    assert sa.stage_tokens("cm", CAL["tokens"]) == pytest.approx((1 * 100 + 2 * 150 + 3 * 200) / 6)
-    assert sa.stage_tokens("sa", CAL["tokens"]) == pytest.approx(80.0)
-    assert sa.stage_tokens("mixed", CAL["tokens"]) == pytest.approx(80.0)
-
-
-@pytest.mark.parametrize("seconds", [1, 20, 360, 600, 5000])
-def test_the_plan_fills_the_share_and_starts_ee_by_half_way(seconds):
-    steps, unit = sa.plan_steps(sa.Stage("x", "cm", seconds), CAL, batch=8)
-    assert unit >= 1 and steps >= 4 * unit  # NER 1 unit, NER+RE 2 units, then at least one EE unit
-    if steps >= 12:
-        assert 3 * unit <= steps / 2
-        assert steps == int(seconds / (1e-3 * 8 * sa.stage_tokens("cm", CAL["tokens"])))
-    sft, none = sa.plan_steps(sa.Stage("y", "mixed", seconds), CAL, batch=8)
-    assert none is None and sft == max(1, int(seconds / (5e-4 * 8 * 80.0)))
-    assert sa.plan_steps(sa.Stage("z", "de", seconds), CAL, batch=4) == (None, None)
+def test_the_chain_starts_each_stage_from_the_last_and_mixed_runs_for_the_chains_seconds(tmp_path):
+    stages = {s.name: s for s in sa.STAGES}
+    assert [s.arm for s in sa.STAGES] == list(sa.ARMS)
+    assert (stages["sa"].after, stages["de"].after, stages["cm"].after, stages["mixed"].after) == ("cm", "sa", None, None)
+    args = args_for(tmp_path, cm_unit=25)
+    cm = sa.stage_options(stages["cm"], args, seed=3)
+    assert cm["trainer.limit_train_batches"] == 25 and cm["data.epochs_per_phase"] == [1, 2, 3] and cm["trainer.max_epochs"] == 6
+    assert cm["data.schedule"] == "cumulative" and cm["trainer.check_val_every_n_epoch"] == 2 and cm["data.max_val_records"] == 2
+    assert cm["trainer.max_time"] is None and cm["model.init_args.generation.max_new_tokens"] == 8
+    assert sa.stage_options(stages["sa"], args, seed=3)["trainer.max_epochs"] == 1
+    assert sa.stage_options(stages["de"], args, seed=3)["trainer.max_steps"] == 2
+    mixed = sa.stage_options(stages["mixed"], args, seed=3, mixed_seconds=3725.4)
+    assert mixed["trainer.max_time"] == "00:01:02:05" and mixed["trainer.max_steps"] == 100_000
+    assert mixed["data.schedule"] == "mixed" and mixed["data.target_format"] == "concise"
+    assert sa.trained_seconds({"cost": {"seconds": 100.0, "validation_seconds": 30.5}}) == pytest.approx(69.5)
+    assert sa.trained_seconds({"cost": {"seconds": 100.0}}) == 100.0  # stages saved before validation was timed
 
 
 def counts_for(tp_per_sentence, gold=2, n=40):
@@ -109,22 +97,26 @@ def test_results_file_keeps_the_notes_a_person_wrote(tmp_path):
     assert text.rstrip().endswith("## Notes\n\nCM+SA wins on RE.\n\n### Detail\n\nmore") and text.count("## Notes") == 1
 
 
-def test_a_cm_stage_enters_ee_where_the_plan_says_and_decodes_its_test_sentences(tmp_path):
+def test_a_cm_stage_enters_ee_on_schedule_checks_dev_and_decodes_its_test_sentences(tmp_path):
     from prouie_pl.demo_data import demo_data_dir
     from prouie_pl.reader import load_records
     from prouie_pl.reports import latest_metrics
 
-    datasets = ["NER/DemoNER", "RE/DemoRE", "EE/DemoEE"]
-    args = Namespace(model="tiny", datasets=datasets, train=16, test=3, sa_per_dataset=4, data_dir=tmp_path / "data",
-                     n_tasks=3, max_new_tokens_full=8, max_new_tokens_concise=8)
-    sa.write_subset(demo_data_dir(), args.data_dir, datasets, args.train, args.test, seed=0)
-    assert [len(load_records(args.data_dir, split, datasets=datasets)) for split in ("train", "test")] == [48, 9]
-    info = sa.train_stage(sa.Stage("CM/cm", "cm", 600), args, tmp_path, seed=1, steps=7, unit=1, test=2)
-    assert info["cost"]["steps"] == 7 and info["cost"]["tokens"] > 0 and info["cost"]["completions"] == 0
-    # one phase per epoch of `unit` steps: NER 1, NER+RE 2, then NER+RE+EE from the step the plan names
-    phases = [int(float(r["train/phase"])) for r in latest_metrics(tmp_path / "CM" / "cm") if r.get("train/phase")]
-    assert phases == [0, 1, 1, 2, 2, 2, 2] and sa.last_phase_start(1, 3) == 1 + phases.index(2)
-    records, outputs = _bootstrap.read_predictions(tmp_path / "CM" / "cm", load_records(args.data_dir, "test", datasets=datasets))
-    assert sorted(r.dataset for r in records) == ["DemoEE"] * 2 + ["DemoNER"] * 2 + ["DemoRE"] * 2 and len(outputs) == 6
-    assert (tmp_path / "CM" / "cm" / "adapter" / "adapter_config.json").is_file()
-    assert sa.train_stage(sa.Stage("CM/cm", "cm", 600), args, tmp_path, seed=1, steps=7, unit=1, test=2) == info  # reused
+    args = args_for(tmp_path)
+    sa.write_subset(demo_data_dir(), args.data_dir, args.datasets, args.train, args.test, seed=0, n_dev=args.dev)
+    assert [len(load_records(args.data_dir, split, datasets=args.datasets)) for split in ("train", "dev", "test")] == [48, 6, 9]
+    cm = sa.STAGES[0]
+    info = sa.train_stage(cm, args, seed=1)
+    assert info["cost"]["steps"] == 6 and info["cost"]["tokens"] > 0 and info["cost"]["completions"] == 0
+    assert 0 < info["cost"]["validation_seconds"] < info["cost"]["seconds"]
+    # one phase per epoch of `unit` steps: NER 1, NER+RE 2, then NER+RE+EE 3
+    folder = args.root / "cm"
+    phases = [int(float(r["train/phase"])) for r in latest_metrics(folder) if r.get("train/phase")]
+    assert phases == [0, 1, 1, 2, 2, 2]
+    assert len(sa.dev_curve(folder)) == 3  # a dev check every two epochs
+    records, outputs = _bootstrap.read_predictions(folder, load_records(args.data_dir, "test", datasets=args.datasets))
+    assert sorted(r.dataset for r in records) == ["DemoEE"] * 3 + ["DemoNER"] * 3 + ["DemoRE"] * 3 and len(outputs) == 9
+    shapes = sa.answer_shapes(folder)
+    assert shapes["n"] == 9 and shapes["empty"] == sum(o.strip() in ("", "{}") for o in outputs)
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    assert sa.train_stage(cm, args, seed=1) == info  # reused
