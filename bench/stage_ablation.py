@@ -35,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -140,8 +139,7 @@ def dev_curve(folder: Path) -> list[tuple[int, float]]:
 
 
 def answer_shapes(folder: Path) -> dict:
-    """Counts over a stage's test predictions: empty answers (``{}`` or blank), truncated, and gold with no unit."""
-
+    """Counts over a stage's test predictions: all, empty (``{}`` or blank) and cut at the token cap."""
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     empty = sum(1 for r in rows if r["output"].strip() in ("", "{}"))
     cut = sum(1 for r in rows if r.get("truncated"))
@@ -201,14 +199,6 @@ def headline(report: dict) -> dict[tuple[str, str], float]:
     return {**cells, ("overall", ""): overall_f1(report)}
 
 
-
-
-def headline(report: dict) -> dict[tuple[str, str], float]:
-    from prouie_pl.scoring import overall_f1
-
-    t = report["tasks"]
-    cells = {(ds, m): t[m]["datasets"][ds]["f1"] for m in HEADLINE if m in t for ds in t[m]["datasets"]}
-    return {**cells, ("overall", ""): overall_f1(report)}
 
 
 def score_tables(args, arms: dict, diffs: dict, n_gold_empty: int) -> str:

@@ -4,9 +4,9 @@ at its floor learning rate, a half-loaded adapter fails loudly, and a token cap 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -95,24 +95,18 @@ def test_loading_a_model_that_cannot_write_the_answer_end_is_refused(tmp_path):
 # ------------------------------------------------------------------ batch order per epoch
 
 
-class BatchLog:
+class BatchLog(L.Callback):
     """Records, per epoch, what each training batch held (token ids for SFT, record keys for GRPO prompts)."""
 
-    def __new__(cls):
-        import lightning as L
+    def __init__(self):
+        self.epochs: dict[int, list] = {}
 
-        class _Log(L.Callback):
-            def __init__(self):
-                self.epochs: dict[int, list] = {}
-
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if "records" in batch:
-                    key = tuple((r.task, r.dataset, r.index) for r in batch["records"])
-                else:
-                    key = tuple(tuple(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"]))
-                self.epochs.setdefault(trainer.current_epoch, []).append(key)
-
-        return _Log()
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if "records" in batch:
+            key = tuple((r.task, r.dataset, r.index) for r in batch["records"])
+        else:
+            key = tuple(tuple(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"]))
+        self.epochs.setdefault(trainer.current_epoch, []).append(key)
 
 
 def batch_orders(tmp_path: Path, base: str, name: str, epochs: int, **changes) -> dict[int, list]:

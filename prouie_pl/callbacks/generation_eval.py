@@ -62,8 +62,7 @@ class GenerationEvaluator(L.Callback):
         self.mode = mode
         self._rows: list = []
         self.last_result: Optional[EvalResult] = None  # of the latest validation, test or predict epoch
-        self.cap_warnings: list[str] = []  # gold answers longer than the token cap (see cap_below_gold)
-        self._cap_checked: dict = {}
+        self._dev_cap_checked = False
 
     @property
     def last_report(self) -> Optional[dict]:
@@ -71,11 +70,12 @@ class GenerationEvaluator(L.Callback):
 
     # ------------------------------------------------------------------ the token cap against the gold
 
-    def _check_cap(self, trainer, pl_module, split: str) -> None:
-        """Warn when ``generation.max_new_tokens`` is below gold answers of the records about to be decoded: such
-        answers are cut however good the model is, and count as parse failures."""
+    def _check_cap(self, trainer, pl_module, records_attr: str, split: str) -> None:
+        """Warn when ``generation.max_new_tokens`` is below gold answers of the records about to be decoded
+        (the data module's ``records_attr``): such answers are cut however good the model is, and count as parse
+        failures."""
         data = getattr(trainer, "datamodule", None)
-        records = getattr(data, {"dev": "val_records", "test": "test_records"}.get(split, "predict_records"), None)
+        records = getattr(data, records_attr, None)
         settings = getattr(pl_module, "generation_settings", None)
         if not records or settings is None or getattr(data, "format", None) is None or not trainer.is_global_zero:
             return
@@ -83,19 +83,18 @@ class GenerationEvaluator(L.Callback):
         if message:
             from lightning.pytorch.utilities import rank_zero_warn
 
-            self.cap_warnings.append(message)
             rank_zero_warn(message)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking and not self._cap_checked.get("dev"):
-            self._cap_checked["dev"] = True
-            self._check_cap(trainer, pl_module, "dev")
+        if not trainer.sanity_checking and not self._dev_cap_checked:  # the dev records are the same every time
+            self._dev_cap_checked = True
+            self._check_cap(trainer, pl_module, "val_records", "dev")
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self._check_cap(trainer, pl_module, "test")
+        self._check_cap(trainer, pl_module, "test_records", "test")
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._check_cap(trainer, pl_module, getattr(trainer.datamodule, "predict_split", "test"))
+        self._check_cap(trainer, pl_module, "predict_records", getattr(trainer.datamodule, "predict_split", "predict"))
 
     # ------------------------------------------------------------------ collection
 
