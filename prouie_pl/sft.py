@@ -43,6 +43,13 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     return nll / max(n, 1), n
 
 
+def answer_nll_shared_head(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+    """:func:`answer_nll` with the prompt head the rows share computed once (:mod:`prouie_pl.shared_prefix`)."""
+    from .shared_prefix import answer_nll_shared_head as shared
+
+    return shared(model, input_ids, attention_mask, labels)
+
+
 class SFTModule(UIEModule):
     """Supervised fine-tuning of LoRA adapters on the answer tokens.
 
@@ -56,6 +63,9 @@ class SFTModule(UIEModule):
         warmup_ratio: share of the planned optimizer steps spent in linear warm-up.
         min_lr_ratio: floor of the cosine decay as a share of the peak.
         optimizer: ``adamw`` or ``paged_adamw_8bit`` (bitsandbytes).
+        shared_head: run the token prefix all rows of a batch share (the prompt head of one data set and format)
+            once, and the rest of every row on its KV cache (:mod:`prouie_pl.shared_prefix`): the same loss and
+            gradients as the per-row path (``false``), in less time.
     """
 
     def __init__(
@@ -69,6 +79,7 @@ class SFTModule(UIEModule):
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
         optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw",
+        shared_head: bool = True,
     ):
         super().__init__(base, lora, generation)
         if optimizer not in OPTIMIZERS:
@@ -82,12 +93,14 @@ class SFTModule(UIEModule):
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
         self.optimizer_name = optimizer
+        self.shared_head = shared_head
         # the optimizer steps the LR schedule spans, asked for when the optimizer is built (after the data are set
         # up); prouie_pl.wiring.connect gives it; without it, Lightning's estimate
         self.schedule_steps: Optional[Callable[[], int]] = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        nll, n_answer = answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss_fn = answer_nll_shared_head if self.shared_head else answer_nll
+        nll, n_answer = loss_fn(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self.log("train/loss", nll.detach() / max(n_answer, 1), prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/answer_tokens", float(n_answer), reduce_fx="sum", batch_size=1)
         step_tokens = batch.get("step_answer_tokens")

@@ -24,7 +24,11 @@ Departures from the paper and from TRL, on purpose:
   spread) are left out of the backward pass: their loss and gradient are exactly zero, and the loss is still
   normalised over the whole batch, so the update is the same;
 * log-probabilities come from the decoder's hidden states through a chunked LM head
-  (:func:`~prouie_pl.kernels.linear_token_logprobs`) only at completion positions, never the full logits.
+  (:func:`~prouie_pl.kernels.linear_token_logprobs`) only at completion positions, never the full logits;
+* with ``policy_prefix: shared`` (the default) every pass (policy with gradients, reference, old policy) runs
+  each distinct prompt of a micro-batch through the decoder once and its completions on top of its KV cache
+  (:func:`prouie_pl.shared_prefix.grouped_completion_logprobs`): the same log-probs and gradients as running
+  prompt + completion per row (``per_row``, kept for comparison), with the prompt computed once per group.
 
 Raises ``ValueError`` when ``num_generations < 2`` or ``micro_batch_size`` does not divide the completions of
 a step (``data.batch_size x model.rollout.num_generations``).
@@ -50,6 +54,9 @@ from .rewarding import rollout_rewards
 from .rollout import Rollout, RolloutSettings, generate_rollouts
 from .stats import PassStats, PhaseTimer, StepStats
 from .trajectory import Trajectory, micro_batches
+from ..shared_prefix import group_owners, grouped_completion_logprobs
+
+POLICY_PREFIX_MODES = ("shared", "per_row")
 
 
 class GRPOModule(UIEModule):
@@ -71,6 +78,8 @@ class GRPOModule(UIEModule):
         micro_batch_size: completions per forward/backward pass (None: all of a step at once).
         skip_zero_advantage: with ``beta = 0`` on one device, leave completions whose advantages are all zero
             out of the backward pass (their loss and gradient are exactly zero; the update is the same).
+        policy_prefix: ``shared``: each prompt of a micro-batch runs once and its completions attend to its KV
+            cache; ``per_row``: prompt + completion for every completion (same values, slower).
         learning_rate: learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -95,6 +104,7 @@ class GRPOModule(UIEModule):
         loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
         micro_batch_size: Optional[int] = None,
         skip_zero_advantage: bool = True,
+        policy_prefix: Literal["shared", "per_row"] = "shared",
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -118,6 +128,8 @@ class GRPOModule(UIEModule):
             raise ValueError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be >= 1, not {num_iterations}")
+        if policy_prefix not in POLICY_PREFIX_MODES:
+            raise ValueError(f"model.policy_prefix must be one of {', '.join(POLICY_PREFIX_MODES)}, not {policy_prefix!r}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size must be >= 1, not {micro_batch_size}")
         self.advantage_mode = advantage
@@ -129,6 +141,7 @@ class GRPOModule(UIEModule):
         self.loss_type = loss_type
         self.micro_batch_size = micro_batch_size
         self.skip_zero_advantage = skip_zero_advantage
+        self.policy_prefix = policy_prefix
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -209,11 +222,20 @@ class GRPOModule(UIEModule):
         return trajectory.all_rows()
 
     def update_policy(self, trajectory: Trajectory) -> PassStats:
-        """One update pass: the batch loss as a sum of weighted micro-batch losses, one backward each (gradients
-        reduced once, in the last), clipping, one optimizer and scheduler step."""
+        """One update pass: :meth:`accumulate_policy_gradients`, clipping, one optimizer and scheduler step."""
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad()
+        stats = self.accumulate_policy_gradients(trajectory)
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        return stats
+
+    def accumulate_policy_gradients(self, trajectory: Trajectory) -> PassStats:
+        """The batch loss as a sum of weighted micro-batch losses, one backward each (gradients reduced once, in
+        the last); the gradients add to what the parameters hold."""
         stats = PassStats()
         total_tokens = max(trajectory.tokens, 1.0)
         batches = micro_batches(self.backward_rows(trajectory), self.micro_batch_size)
@@ -231,17 +253,21 @@ class GRPOModule(UIEModule):
             # bnpo and dapo normalise by the tokens of the whole batch, grpo and dr_grpo by its completions
             weight = tokens / total_tokens if self.loss_type in ("bnpo", "dapo") else len(rows) / trajectory.size
             with self._backward_sync(last=k == len(batches) - 1):
-                self.manual_backward(loss * weight)
+                if self._trainer is not None:
+                    self.manual_backward(loss * weight)
+                else:  # outside a fit (tests, benchmarks)
+                    (loss * weight).backward()
             stats.loss += float(loss.detach()) * weight
             for name, value in metrics.items():
                 stats.metrics[name] += float(value) * tokens / total_tokens
-        if self.max_grad_norm and self.max_grad_norm > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
         return stats
 
     def _logprobs(self, trajectory: Trajectory, rows: torch.Tensor) -> torch.Tensor:
+        if self.policy_prefix == "shared":
+            first, owner = group_owners(rows, trajectory.group_size)
+            return grouped_completion_logprobs(self.model, trajectory.prompt_ids[first], trajectory.prompt_mask[first], owner,
+                                               trajectory.completion_ids[rows], trajectory.completion_mask[rows],
+                                               self.rollout_settings.temperature)
         return completion_logprobs(self.model, trajectory.prompt_ids[rows], trajectory.prompt_mask[rows],
                                    trajectory.completion_ids[rows], trajectory.completion_mask[rows],
                                    self.rollout_settings.temperature)
