@@ -44,6 +44,10 @@ into rollouts (`generate`), SFR rewards and advantages (`reward`), the no-grad r
 with beta > 0) and forward, backward and optimizer step (`policy`). `--model gemma-3-270m` runs it on the real
 model and the real IE prompts. The targets: a reward share below 5 % of a step, and at least 1.5x rollout
 completions/s from the shared prefill on the real model at P=4, G=8."""),
+    ("shared_prefix_gemma-3-270m", "Prompts computed once in training", "python bench/shared_prefix.py --model gemma-3-270m", """\
+The GRPO policy pass (forward and backward), the no-grad reference pass and an SFT step, each with the prompt (or the
+prompt head a batch shares) run once against the per-row path, on the same inputs, alternating; speed-up of the
+medians and how far the two paths' values lie apart."""),
     ("decode_engines_gemma-3-270m", "Decoding: rows leave the batch as they stop, against generate", "python bench/decode_engines.py --model gemma-3-270m", """\
 The project's own decoding loop (finished rows dropped from the batch and the KV cache) against `model.generate`
 (every row decoded until the slowest stops) on the same prompts: greedy test-style batches and GRPO-style sampling,
