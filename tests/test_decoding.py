@@ -17,7 +17,7 @@ import torch
 
 from prouie_pl.decoding import (ENGINES, Completions, Sampling, completion_mask, decode_batch, decode_prompts, iter_decode,
                                 left_pad, length_batches, prefill_shared_cache)
-from training_helpers import single_thread
+from training_helpers import single_thread, tiny_gemma3
 
 PAD = 0
 
@@ -37,14 +37,7 @@ def llama(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def gemma():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=16, sliding_window=6,
-                              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-                              max_position_embeddings=256, pad_token_id=PAD, eos_token_id=1, bos_token_id=2)
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(config).eval()
+    return tiny_gemma3(PAD).eval()
 
 
 MODELS = ["llama", "gemma"]

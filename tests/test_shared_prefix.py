@@ -22,7 +22,7 @@ from prouie_pl.grpo.logprobs import completion_logprobs
 from prouie_pl.kernels.reference import IGNORE_INDEX, LOSS_TYPES
 from prouie_pl.shared_prefix import (answer_nll_shared_head, group_owners, grouped_completion_logprobs, shared_head_length)
 from prouie_pl.sft import answer_nll
-from training_helpers import single_thread
+from training_helpers import single_thread, tiny_gemma3
 
 PAD = 0
 ATOL_LP = 1e-5
@@ -53,14 +53,7 @@ def llama(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def gemma():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=16, sliding_window=6,
-                              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-                              max_position_embeddings=256, pad_token_id=PAD, eos_token_id=1, bos_token_id=2)
-    torch.manual_seed(0)
-    return with_lora(Gemma3ForCausalLM(config))
+    return with_lora(tiny_gemma3(PAD))
 
 
 MODELS = ["llama", "gemma"]
@@ -85,6 +78,19 @@ def assert_same_grads(got: dict, want: dict) -> None:
 
 def max_grad_gap(got: dict, want: dict) -> float:
     return max(float((got[n] - want[n]).abs().max() / (want[n].abs().max() + 1e-12)) for n in want)
+
+
+def cut_prefix_gradient(monkeypatch) -> None:
+    """Make every shared prefix's KV cache detached: its values stay, its gradient is cut."""
+    real = shared_prefix.prefix_cache
+
+    def detached(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        return cache
+
+    monkeypatch.setattr(shared_prefix, "prefix_cache", detached)
 
 
 def group_batch(vocab: int, seed: int = 3):
@@ -130,15 +136,7 @@ def test_grouped_completion_logprobs_equal_the_per_row_pass(request, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_grouped_logprobs_cut_prefix_gradient_is_caught(request, name, monkeypatch):
     model = request.getfixturevalue(name)
-    real = shared_prefix.prefix_cache
-
-    def detached(*args, **kwargs):
-        cache = real(*args, **kwargs)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-        return cache
-
-    monkeypatch.setattr(shared_prefix, "prefix_cache", detached)
+    cut_prefix_gradient(monkeypatch)
     want, got, want_grads, got_grads, _ = per_row_and_shared(model)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL_LP)  # the values do not see the cut
     assert max_grad_gap(got_grads, want_grads) > 1e-2  # the gradients do
@@ -270,20 +268,12 @@ def test_sft_shared_head_gives_the_per_row_loss_and_gradients(request, name):
 
 
 def test_sft_shared_head_cut_gradient_is_caught(llama, monkeypatch):
-    real = shared_prefix.prefix_cache
-
-    def detached(*args, **kwargs):
-        cache = real(*args, **kwargs)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-        return cache
-
     ids, mask, labels = sft_batch(llama.config.vocab_size)
     zero_grads(llama)
     answer_nll(llama, ids, mask, labels)[0].backward()
     want = lora_grads(llama)
     zero_grads(llama)
-    monkeypatch.setattr(shared_prefix, "prefix_cache", detached)
+    cut_prefix_gradient(monkeypatch)
     answer_nll_shared_head(llama, ids, mask, labels)[0].backward()
     got = lora_grads(llama)
     zero_grads(llama)

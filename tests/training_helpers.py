@@ -76,3 +76,16 @@ def single_thread(deterministic: bool = False):
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(was_deterministic)
 
+
+
+def tiny_gemma3(pad_id: int = 0):
+    """A tiny randomly initialised Gemma 3 (seeded, no download) whose sliding-window layers (window 6) are shorter
+    than the prompts the tests use, so its hybrid cache drops positions."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=16, sliding_window=6,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                              max_position_embeddings=256, pad_token_id=pad_id, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config)
