@@ -147,6 +147,23 @@ def _decoder(model):
     return inner.get_decoder()
 
 
+def drop_padding_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch without the columns that are padding in every row (a batch cut from a wider one): they
+    cost compute and change nothing."""
+    used = mask.bool().any(dim=0)
+    if bool(used.all()) or not bool(used.any()):
+        return ids, mask
+    first = int(used.int().argmax())
+    return ids[:, first:], mask[:, first:]
+
+
+def output_cache(outputs):
+    """The KV cache a forward with ``use_cache=True`` returned (``cache`` from transformers 5.x, ``past_key_values``
+    before), or None."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)
+
+
 def _cache_keyword(decoder) -> str:
     """What this transformers version calls the KV cache argument (``cache`` from 5.x, ``past_key_values`` before)."""
     params = inspect.signature(decoder.forward).parameters
@@ -165,7 +182,7 @@ def prefill_shared_cache(model, input_ids: torch.Tensor, attention_mask: torch.T
     ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     if cache is None:
         raise RuntimeError(f"{type(decoder).__name__} returned no KV cache with use_cache=True; decode with share_prefix=False")
     cache.batch_repeat_interleave(repeats)
@@ -228,9 +245,7 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         past = {keyword: cache} if cache is not None else {}
         outputs = model(input_ids=step_ids, attention_mask=mask if pass_mask else None, position_ids=step_pos, use_cache=True,
                         return_dict=True, **past, **extra)
-        cache = getattr(outputs, "cache", None)
-        if cache is None:
-            cache = getattr(outputs, "past_key_values", None)
+        cache = output_cache(outputs)
         scores = outputs.logits[:, -1].to(dtype=torch.float32)
         del outputs
         if sampling is None:
@@ -276,11 +291,7 @@ def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, not {num_samples}")
     _check_engine(engine)
-    # columns that are padding in every row (a batch cut from a wider one) cost compute and change nothing
-    used = attention_mask.bool().any(dim=0)
-    if not bool(used.all()):
-        first = int(used.int().argmax())
-        input_ids, attention_mask = input_ids[:, first:], attention_mask[:, first:]
+    input_ids, attention_mask = drop_padding_columns(input_ids, attention_mask)
     stops = list(stop_ids)
     rows = input_ids.shape[0] * num_samples
     if engine == "loop" and logits_processor is None:

@@ -23,6 +23,7 @@ import torch
 from .kernels.reference import IGNORE_INDEX
 from .kernels import linear_token_logprobs
 from .modeling import BaseModelSettings, LoRASettings, decoder_and_head
+from .shared_prefix import answer_nll_shared_head
 from .optim import OPTIMIZERS, make_optimizer, trainer_clock, warmup_cosine_schedule
 from .uie_module import GenerationSettings, UIEModule
 
@@ -41,13 +42,6 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     """Mean negative log-likelihood of the answer tokens, and how many there were."""
     nll, n = answer_nll(model, input_ids, attention_mask, labels)
     return nll / max(n, 1), n
-
-
-def answer_nll_shared_head(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
-    """:func:`answer_nll` with the prompt head the rows share computed once (:mod:`prouie_pl.shared_prefix`)."""
-    from .shared_prefix import answer_nll_shared_head as shared
-
-    return shared(model, input_ids, attention_mask, labels)
 
 
 class SFTModule(UIEModule):

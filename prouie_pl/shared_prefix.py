@@ -25,11 +25,11 @@ Both functions return exactly what their per-row counterparts (:func:`prouie_pl.
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
 
+from .decoding import _cache_keyword, drop_padding_columns, output_cache
 from .kernels import linear_token_logprobs
 from .kernels.reference import IGNORE_INDEX
 from .modeling import decoder_and_head
@@ -38,36 +38,14 @@ from .modeling import decoder_and_head
 MIN_SHARED_HEAD = 8
 
 
-def _cache_keyword(decoder) -> str:
-    params = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _returned_cache(out):
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    if cache is None:
-        raise RuntimeError("the decoder returned no KV cache with use_cache=True; use the per-row path")
-    return cache
-
-
 def prefix_cache(decoder, ids: torch.Tensor, mask: Optional[torch.Tensor], position_ids: torch.Tensor, rows: torch.Tensor):
     """KV cache of ``ids`` (one row per distinct prefix), computed with whatever grad mode is on, then indexed
     along the batch by ``rows`` (row ``i`` of the result is prefix ``rows[i]``)."""
-    out = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-    cache = _returned_cache(out)
+    cache = output_cache(decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True))
+    if cache is None:
+        raise RuntimeError(f"{type(decoder).__name__} returned no KV cache with use_cache=True; use the per-row path")
     cache.batch_select_indices(rows)
     return cache
-
-
-def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns that are padding in every row (a batch cut from a wider one): they change nothing."""
-    used = mask.bool().any(dim=0)
-    if bool(used.all()) or not bool(used.any()):
-        return ids, mask
-    first = int(used.int().argmax())
-    return ids[:, first:], mask[:, first:]
 
 
 def grouped_completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, owner: torch.Tensor,
@@ -79,7 +57,7 @@ def grouped_completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: to
     Equal to :func:`prouie_pl.grpo.logprobs.completion_logprobs` on the prompts repeated by ``owner``: every
     prompt token but the last goes through the decoder once per prompt, the last one and the completion once
     per completion (the last prompt token's hidden state predicts the first completion token)."""
-    prompt_ids, prompt_mask = _trim_left_padding(prompt_ids, prompt_mask)
+    prompt_ids, prompt_mask = drop_padding_columns(prompt_ids, prompt_mask)
     p = prompt_ids.shape[1]
     decoder, head = decoder_and_head(model)
     full_mask = torch.cat([prompt_mask[owner], completion_mask], dim=1)
