@@ -65,12 +65,17 @@ def cmd_render(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_file, print_report
 
-    ev = evaluate_file(args.data_dir, args.split, args.predictions, args.mode, args.tasks, args.datasets, args.max_records, args.on_error)
+    ev = evaluate_file(args.data_dir, args.split, args.predictions, args.mode, args.tasks, args.datasets, args.max_records, args.on_error,
+                       thresholds=args.thresholds)
     for line in ev.duplicates[:20] + ev.unknown[:20] + ev.missing[:20]:
         print(f"warning: {line}", file=sys.stderr)
     if ev.unknown or ev.missing or ev.duplicates:
         print(f"warning: {len(ev.unknown)} predictions for unknown records, {len(ev.missing)} records without a prediction, {len(ev.duplicates)} duplicate predictions", file=sys.stderr)
     print_report(ev.report, title=f"{Path(args.predictions).name} vs {args.split}")
+    if ev.report.get("threshold_sweep"):
+        from .evaluate import print_sweep
+
+        print_sweep(ev.report["threshold_sweep"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(ev.report, indent=2) + "\n", encoding="utf-8")
@@ -208,6 +213,8 @@ def build_parser():
     p.add_argument("--predictions", type=str, required=True, help="JSONL with task, dataset, index, output per line")
     p.add_argument("--mode", type=str, default="strict", choices=("strict", "instructuie"))
     p.add_argument("--out", type=Optional[str], default=None, help="write report.json here")
+    p.add_argument("--thresholds", type=float, default=None, nargs="+", metavar="T",
+                   help="also report P/R/F1 keeping only units scored above each threshold (0-1; needs unit_scores in the file)")
     sub.add_subcommand("evaluate", p, help=COMMANDS["evaluate"])
 
     p = _parser("pipeline", description=COMMANDS["pipeline"] + "; --config is the pipeline YAML (default: the tiny demo)",
@@ -241,6 +248,8 @@ def build_parser():
     p.add_argument("--quantization", type=str, default="none", choices=("none", "nf4"), help="load the base in 4-bit NF4 (bitsandbytes)")
     p.add_argument("--dtype", type=str, default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--progress", action=ActionYesNo, default=True, help="a progress bar (--no_progress: none)")
+    p.add_argument("--scores", action=ActionYesNo, default=True, help="a score (0-1) for every unit: how sure the model was (--no_scores: none)")
+    p.add_argument("--threshold", type=float, default=0.0, help="keep only units scored above this (0-1; 0 keeps all)")
     sub.add_subcommand("extract", p, help=COMMANDS["extract"])
 
     p = _parser("tiny-model")

@@ -73,6 +73,10 @@ class Completions:
     ids: torch.Tensor  # [N, L] right-padded with the pad id after the first stop
     mask: torch.Tensor  # [N, L] 1 up to and including the first stop
     truncated: torch.Tensor  # [N] bool: the length limit came before any stop id
+    # [N, L] float32: log-probability of each emitted token under the distribution it was chosen from (the
+    # model's softmax; after the temperature / top-p warpers when sampling, after the logits processor under a
+    # constraint), 0 after the first stop
+    logprobs: Optional[torch.Tensor] = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -215,11 +219,14 @@ def _sampling_warpers(sampling: Sampling) -> list:
 
 
 def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Sequence[int],
-                pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1, share_prefix: bool = True) -> torch.Tensor:
+                pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1, share_prefix: bool = True,
+                with_logprobs: bool = False):
     """New tokens ``[N, T]`` of a left-padded batch (rows ``i * G + j``), decoded step by step with finished rows
     dropped from the batch and the KV cache (see the module docstring); ``T`` is the number of steps run (the
-    longest completion), a row's tokens after its first stop are ``pad_id``.  Call under ``torch.no_grad`` and
-    in eval mode (:func:`decode_batch` does)."""
+    longest completion), a row's tokens after its first stop are ``pad_id``.  With ``with_logprobs`` it returns
+    ``(tokens, logprobs)``, ``logprobs[i, t]`` the float32 log-probability of token ``t`` of row ``i`` under the
+    distribution it was chosen from (0 after the row stopped).  Call under ``torch.no_grad`` and in eval mode
+    (:func:`decode_batch` does)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be greater than 0, but is {max_new_tokens}")
     keyword, keeps_logits = _lm_call_options(model)
@@ -239,6 +246,7 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     else:  # the whole prompts, G copies each
         cache, step_ids, step_pos = None, ids, positions
     out = torch.full((n, max_new_tokens), pad_id, dtype=ids.dtype, device=device)
+    out_lp = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device) if with_logprobs else None
     live = torch.arange(n, device=device)  # the output row of each row still in the batch
     steps = 0
     while True:
@@ -255,6 +263,8 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 scores = warper(None, scores)
             nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         out[live, steps] = nxt
+        if out_lp is not None:
+            out_lp[live, steps] = chosen_logprobs(scores, nxt)
         steps += 1
         if steps == max_new_tokens:
             break
@@ -273,15 +283,60 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         if pass_mask:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         step_ids, step_pos = nxt.unsqueeze(1), step_pos[:, -1:] + 1
+    if out_lp is not None:
+        return out[:, :steps], out_lp[:, :steps]
     return out[:, :steps]
+
+
+def chosen_logprobs(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``log softmax(scores)[i, chosen[i]]`` per row, in float32, without materialising the log-softmax (one
+    ``logsumexp`` pass over the vocabulary); rows whose scores are all ``-inf`` give ``-inf``."""
+    scores = scores.to(torch.float32)
+    return scores.gather(1, chosen.view(-1, 1)).squeeze(1) - torch.logsumexp(scores, dim=-1)
+
+
+class ChosenLogProbs:
+    """A logits processor that leaves the scores unchanged and records, for ``generate``, the log-probability
+    of each token it goes on to pick under the scores it sees (put it last, after every processor that changes
+    them).  At each call the token chosen at the step before is ``input_ids[:, -1]``; only that step's float32
+    log-normaliser and scores are kept, so memory stays one ``[N, V]`` row set, not one per step.
+    :meth:`finish` takes the last step's tokens."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+        self._pending: Optional[torch.Tensor] = None
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        if self._pending is not None:
+            self.steps.append(chosen_logprobs(self._pending, chosen.to(self._pending.device)))
+            self._pending = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self._pending = scores.detach().to(torch.float32).clone()
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, T]`` log-probabilities of ``new_tokens`` (the ``[N, T]`` tokens ``generate`` added)."""
+        if new_tokens.shape[1]:
+            self._take(new_tokens[:, -1])
+        width = new_tokens.shape[1]
+        if not self.steps:
+            return torch.zeros(new_tokens.shape, dtype=torch.float32, device=new_tokens.device)
+        lp = torch.stack(self.steps[:width], dim=1).to(new_tokens.device)
+        if lp.shape[1] < width:
+            lp = torch.cat([lp, lp.new_zeros((lp.shape[0], width - lp.shape[1]))], dim=1)
+        return lp
 
 
 @torch.no_grad()
 def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Sequence[int],
                  pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1, share_prefix: bool = True,
-                 logits_processor=None, engine: Engine = "loop") -> Completions:
+                 logits_processor=None, engine: Engine = "loop", with_logprobs: bool = False) -> Completions:
     """Completions of one left-padded batch: ``num_samples`` per prompt (rows ``i * G + j``), greedy when
-    ``sampling`` is None.
+    ``sampling`` is None.  ``with_logprobs`` fills :attr:`Completions.logprobs` (greedy decoding, or sampling
+    with the ``loop`` engine, whose draws it records after the warpers; ``generate`` applies its sampling
+    warpers after every given processor, so sampled ``generate`` batches carry none).
 
     ``engine``: ``loop`` decodes with :func:`decode_loop`, rows leaving the batch as they stop; ``generate`` with
     ``model.generate``, every row until the last one stops.  With a ``logits_processor`` (a transformers
@@ -297,13 +352,21 @@ def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     if engine == "loop" and logits_processor is None:
         with eval_mode(model):
             new = decode_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad_id,
-                              sampling=sampling, num_samples=num_samples, share_prefix=share_prefix)
+                              sampling=sampling, num_samples=num_samples, share_prefix=share_prefix, with_logprobs=with_logprobs)
+        lp = None
+        if with_logprobs:
+            new, lp = new
     else:
         kwargs: dict = {}
         if sampling is None:
             kwargs.update(do_sample=False)
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        recorder = ChosenLogProbs() if with_logprobs and sampling is None else None
+        if recorder is not None:
+            from transformers import LogitsProcessorList
+
+            logits_processor = LogitsProcessorList([*(logits_processor or []), recorder])
         if logits_processor is not None:
             kwargs["logits_processor"] = logits_processor
         with eval_mode(model):
@@ -315,16 +378,20 @@ def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                  eos_token_id=stops, use_cache=True, **kwargs)
         new = out[:, ids.shape[1]:]
+        lp = recorder.finish(new) if recorder is not None else None
     if new.shape[1] == 0:  # nothing generated at all: an empty answer that ends at once
         new = torch.full((rows, 1), stops[0], dtype=input_ids.dtype, device=input_ids.device)
+        lp = torch.zeros((rows, 1), dtype=torch.float32, device=input_ids.device) if lp is not None else None
     cmask, truncated = completion_mask(new, stops)
-    return Completions(new.masked_fill(cmask == 0, pad_id), cmask, truncated)
+    if lp is not None:
+        lp = lp.masked_fill(cmask == 0, 0.0)
+    return Completions(new.masked_fill(cmask == 0, pad_id), cmask, truncated, lp)
 
 
 def iter_decode(model, prompts: Sequence[Sequence[int]], *, batch_size: Optional[int], max_new_tokens: int,
                 stop_ids: Sequence[int], pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1,
                 share_prefix: bool = True, processor_for: Optional[ProcessorFactory] = None,
-                device=None, engine: Engine = "loop") -> Iterator[tuple[list[int], Completions]]:
+                device=None, engine: Engine = "loop", with_logprobs: bool = False) -> Iterator[tuple[list[int], Completions]]:
     """``(prompt indices, their completions)`` batch by batch, batches formed by :func:`length_batches`;
     ``engine`` as for :func:`decode_batch` (batches under ``processor_for`` decode through ``generate``)."""
     _check_engine(engine)
@@ -339,7 +406,7 @@ def iter_decode(model, prompts: Sequence[Sequence[int]], *, batch_size: Optional
             processor = LogitsProcessorList([processor_for(idx, ids.shape[1])])
         yield idx, decode_batch(model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                                 sampling=sampling, num_samples=num_samples, share_prefix=share_prefix,
-                                logits_processor=processor, engine=engine)
+                                logits_processor=processor, engine=engine, with_logprobs=with_logprobs)
 
 
 def decode_prompts(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, **options) -> Completions:
@@ -355,12 +422,16 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], *, num_samples: int 
     ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((n, width), dtype=torch.long, device=device)
     truncated = torch.zeros(n, dtype=torch.bool, device=device)
+    has_lp = all(c.logprobs is not None for _, c in parts)
+    lp = torch.zeros((n, width), dtype=torch.float32, device=device) if has_lp else None
     for idx, c in parts:
         rows = (torch.as_tensor(idx, device=device).unsqueeze(1) * num_samples + torch.arange(num_samples, device=device)).flatten()
         ids[rows, :c.ids.shape[1]] = c.ids
         mask[rows, :c.mask.shape[1]] = c.mask
         truncated[rows] = c.truncated
-    return Completions(ids, mask, truncated)
+        if lp is not None:
+            lp[rows, :c.logprobs.shape[1]] = c.logprobs
+    return Completions(ids, mask, truncated, lp)
 
 
 def _model_device(model) -> torch.device:
@@ -372,16 +443,23 @@ def _model_device(model) -> torch.device:
 
 @dataclass
 class GreedyOutput:
-    """Answers of one batch: decoded text, whether the length limit cut it, and tokens generated (stop included)."""
+    """Answers of one batch: decoded text, whether the length limit cut it, tokens generated (stop included),
+    and, when asked for, each answer's token ids and their log-probabilities (stop included)."""
 
     texts: list[str]
     truncated: list[bool]
     new_tokens: list[int]
+    token_ids: Optional[list[list[int]]] = None
+    token_logprobs: Optional[list[list[float]]] = None
 
 
 def greedy_output(tokenizer, completions: Completions) -> GreedyOutput:
-    return GreedyOutput(completions.texts(tokenizer), [bool(t) for t in completions.truncated.tolist()],
-                        [int(n) for n in completions.lengths.tolist()])
+    lengths = [int(n) for n in completions.lengths.tolist()]
+    ids = lps = None
+    if completions.logprobs is not None:
+        ids = [row[:n] for row, n in zip(completions.ids.tolist(), lengths)]
+        lps = [row[:n] for row, n in zip(completions.logprobs.tolist(), lengths)]
+    return GreedyOutput(completions.texts(tokenizer), [bool(t) for t in completions.truncated.tolist()], lengths, ids, lps)
 
 
 def constraint_factory(tokenizer, rows: Sequence[tuple[str, LabelSchema, str]], max_new_tokens: int,
@@ -399,7 +477,7 @@ def constraint_factory(tokenizer, rows: Sequence[tuple[str, LabelSchema, str]], 
 def generate_greedy(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     stop_ids: Sequence[int],
                     constraint_rows: Optional[Sequence[tuple[str, LabelSchema, str]]] = None,
-                    engine: Engine = "loop") -> GreedyOutput:
+                    engine: Engine = "loop", with_logprobs: bool = False) -> GreedyOutput:
     """Greedy answers for a left-padded batch (decoded as one batch); ``constraint_rows`` gives
     ``(task, schema, text)`` per row to decode under the concise-format constraint (through ``generate``,
     whatever ``engine`` says, see :func:`decode_batch`)."""
@@ -408,5 +486,5 @@ def generate_greedy(model, tokenizer, input_ids: torch.Tensor, attention_mask: t
     factory = None if constraint_rows is None else constraint_factory(tokenizer, constraint_rows, max_new_tokens, stop_ids)
     completions = decode_prompts(model, prompt_rows(input_ids, attention_mask), batch_size=None, max_new_tokens=max_new_tokens,
                                  stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, processor_for=factory, device=input_ids.device,
-                                 engine=engine)
+                                 engine=engine, with_logprobs=with_logprobs)
     return greedy_output(tokenizer, completions)

@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from .reader import DataError, load_records
 from .schema import Record
@@ -25,6 +25,8 @@ class PredictionFile:
     outputs: dict[tuple[str, str, int], str] = field(default_factory=dict)
     datasets: list[tuple[str, str]] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    # per record uid: the score of each parsed unit (``unit_scores`` in the file; test/predict write them)
+    unit_scores: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
 
 
 def read_predictions(path: str | os.PathLike) -> PredictionFile:
@@ -57,6 +59,12 @@ def read_predictions(path: str | os.PathLike) -> PredictionFile:
             if key in pf.outputs:
                 pf.duplicates.append(f"{path}: line {lineno}: second prediction for {key[0]}/{key[1]} record {key[2]} (the first one is kept)")
                 continue
+            scores = obj.get("unit_scores")
+            if scores is not None:
+                if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+                    problems.append(f"{path}: line {lineno}: 'unit_scores' must be a list of numbers")
+                    continue
+                pf.unit_scores[key] = [float(x) for x in scores]
             pf.outputs[key] = obj["output"]
             if key[:2] not in pf.datasets:
                 pf.datasets.append(key[:2])
@@ -73,20 +81,60 @@ class Evaluation:
     duplicates: list[str]
 
 
-def score_outputs(records: Iterable[Record], outputs: dict[tuple[str, str, int], str], mode: str = "strict") -> dict:
-    """Report for model outputs keyed by record uid (missing ones scored as empty)."""
+def score_outputs(records: Iterable[Record], outputs: dict[tuple[str, str, int], str], mode: str = "strict",
+                  unit_scores: Optional[dict] = None, threshold: float = 0.0) -> dict:
+    """Report for model outputs keyed by record uid (missing ones scored as empty); with ``threshold`` only the
+    units scored above it count (``unit_scores`` per uid)."""
     scorer = Scorer(mode)
+    unit_scores = unit_scores or {}
     for rec in records:
-        scorer.add(rec, outputs.get(rec.uid))
+        scorer.add(rec, outputs.get(rec.uid), unit_scores=unit_scores.get(rec.uid), threshold=threshold)
     return scorer.report()
+
+
+def threshold_sweep(records: list[Record], pf: PredictionFile, thresholds: Sequence[float]) -> list[dict]:
+    """Precision, recall and F1 per metric and data set (and overall F1) at each threshold (strict scorer)."""
+    from .confidence import check_threshold
+
+    missing = [f"{t}/{d} record {i}" for (t, d, i) in pf.outputs if (t, d, i) not in pf.unit_scores]
+    if missing and any(float(x) > 0 for x in thresholds):
+        raise DataError(f"{len(missing)} prediction(s) have no unit_scores (first: {missing[0]}), so a threshold cannot "
+                        "filter them", hint="decode with test/predict or extract, which write unit_scores")
+    rows = []
+    for t in thresholds:
+        t = check_threshold(t, "--thresholds")
+        report = score_outputs(records, pf.outputs, "strict", pf.unit_scores, t)
+        cells = {f"{m}/{ds}": {k: v[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")}
+                 for m, entry in report["tasks"].items() for ds, v in entry["datasets"].items()}
+        rows.append({"threshold": t, "overall_f1": round(overall_f1(report), 4), "metrics": cells})
+    return rows
+
+
+def print_sweep(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title="threshold sweep (strict; a unit counts when its score is above the threshold)")
+    table.add_column("threshold", justify="right")
+    keys = list(rows[0]["metrics"]) if rows else []
+    for k in keys:
+        table.add_column(f"{k} P / R / F1", justify="right")
+    table.add_column("overall F1", justify="right")
+    for r in rows:
+        table.add_row(f"{r['threshold']:.2f}", *(f"{r['metrics'][k]['precision']:.1f} / {r['metrics'][k]['recall']:.1f} / "
+                                                 f"{r['metrics'][k]['f1']:.1f}" for k in keys), f"{r['overall_f1']:.1f}")
+    console.print(table)
 
 
 def evaluate_file(data_dir: str | os.PathLike, split: str, predictions: str | os.PathLike, mode: str = "strict",
                   tasks: Optional[list[str]] = None, datasets: Optional[list[str]] = None,
-                  max_records: Optional[int] = None, on_error: str = "error") -> Evaluation:
+                  max_records: Optional[int] = None, on_error: str = "error",
+                  thresholds: Optional[Sequence[float]] = None) -> Evaluation:
     """Score ``predictions`` against ``split`` of the data under ``data_dir``.
 
     By default the data sets named in the predictions file are scored; ``tasks``/``datasets`` choose others.
+    ``thresholds`` adds ``report["threshold_sweep"]`` (:func:`threshold_sweep`).
     """
     pf = read_predictions(predictions)
     if tasks is None and datasets is None:
@@ -102,6 +150,8 @@ def evaluate_file(data_dir: str | os.PathLike, split: str, predictions: str | os
     report["overall_f1"] = round(overall_f1(report), 4)
     report["unknown_predictions"] = len(unknown)
     report["missing_predictions"] = len(missing)
+    if thresholds:
+        report["threshold_sweep"] = threshold_sweep(records, pf, thresholds)
     return Evaluation(report, unknown, missing, pf.duplicates)
 
 

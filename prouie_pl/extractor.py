@@ -27,6 +27,7 @@ How a document goes through it:
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,15 +63,25 @@ class TextSpan:
         return {"text": self.text, "start": self.start, "end": self.end}
 
 
+def _with_score(out: dict, score: Optional[float]) -> dict:
+    if score is not None:
+        out["score"] = round(float(score), 4)
+    return out
+
+
 @dataclass(frozen=True)
 class EntityMention:
+    """An entity; ``score`` is how sure the model was of it (:mod:`prouie_pl.confidence`; the highest over the
+    windows that found it), None when scores are off."""
+
     text: str
     type: str
     start: int
     end: int
+    score: Optional[float] = None
 
     def to_json(self) -> dict:
-        return {"text": self.text, "type": self.type, "start": self.start, "end": self.end}
+        return _with_score({"text": self.text, "type": self.type, "start": self.start, "end": self.end}, self.score)
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,10 @@ class RelationMention:
     type: str
     head: TextSpan
     tail: TextSpan
+    score: Optional[float] = None
 
     def to_json(self) -> dict:
-        return {"type": self.type, "head": self.head.to_json(), "tail": self.tail.to_json()}
+        return _with_score({"type": self.type, "head": self.head.to_json(), "tail": self.tail.to_json()}, self.score)
 
 
 @dataclass(frozen=True)
@@ -89,19 +101,24 @@ class ArgumentMention:
     text: str
     start: int
     end: int
+    score: Optional[float] = None
 
     def to_json(self) -> dict:
-        return {"role": self.role, "text": self.text, "start": self.start, "end": self.end}
+        return _with_score({"role": self.role, "text": self.text, "start": self.start, "end": self.end}, self.score)
 
 
 @dataclass
 class EventMention:
+    """An event; ``score`` is its trigger's, each argument has its own."""
+
     type: str
     trigger: TextSpan
     arguments: list[ArgumentMention] = field(default_factory=list)
+    score: Optional[float] = None
 
     def to_json(self) -> dict:
-        return {"type": self.type, "trigger": self.trigger.to_json(), "arguments": [a.to_json() for a in self.arguments]}
+        return _with_score({"type": self.type, "trigger": self.trigger.to_json(), "arguments": [a.to_json() for a in self.arguments]},
+                           self.score)
 
 
 @dataclass(frozen=True)
@@ -139,7 +156,8 @@ class UnalignedUnit:
 
 @dataclass
 class ChunkOutput:
-    """One raw answer: which window and task, the model's text, whether it parsed cleanly, its length."""
+    """One raw answer: which window and task, the model's text, whether it parsed cleanly, its length, whether
+    it hit ``max_new_tokens`` (``truncated``), and the score of each unit it holds (parse order)."""
 
     chunk: int
     task: str
@@ -149,6 +167,22 @@ class ChunkOutput:
     parsed_ok: bool
     truncated: bool
     new_tokens: int
+    unit_scores: Optional[list[float]] = None
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """One window of a document: its offsets, whether it cuts a sentence (a sentence longer than the prompt
+    budget is split at whitespace, so the model reads it in parts), and the tasks whose answer for this window
+    hit ``max_new_tokens`` (what came after the cap is lost)."""
+
+    start: int
+    end: int
+    sentence_cut: bool
+    truncated_tasks: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "end": self.end, "sentence_cut": self.sentence_cut, "truncated_tasks": list(self.truncated_tasks)}
 
 
 @dataclass
@@ -162,6 +196,8 @@ class DocumentExtraction:
     unaligned: list[UnalignedUnit] = field(default_factory=list)
     chunks: int = 0
     outputs: list[ChunkOutput] = field(default_factory=list)
+    windows: list[WindowReport] = field(default_factory=list)
+    below_threshold: int = 0  # units the threshold dropped
 
     def to_json(self) -> dict:
         """The output line of ``python -m prouie_pl extract`` (raw answers are not part of it)."""
@@ -172,11 +208,25 @@ class DocumentExtraction:
             "events": [e.to_json() for e in self.events],
             "unaligned": [u.to_json() for u in self.unaligned],
             "chunks": self.chunks,
+            "truncated_answers": self.truncated_answers,
+            "cut_windows": self.cut_windows,
+            "below_threshold": self.below_threshold,
+            "windows": [w.to_json() for w in self.windows],
         }
 
     @property
     def parse_failures(self) -> int:
         return sum(1 for o in self.outputs if not o.parsed_ok)
+
+    @property
+    def truncated_answers(self) -> int:
+        """Answers (window x task) that hit ``max_new_tokens``."""
+        return sum(1 for o in self.outputs if o.truncated)
+
+    @property
+    def cut_windows(self) -> int:
+        """Windows that cut a sentence."""
+        return sum(1 for w in self.windows if w.sentence_cut)
 
 
 # ------------------------------------------------------------------------------------------ per document
@@ -195,10 +245,13 @@ class _Job:
 class _Document:
     """A document being extracted: its windows, the answers so far, and the merged results."""
 
-    def __init__(self, doc_id: str, text: str, windows: list[TextWindow]):
+    def __init__(self, doc_id: str, text: str, windows: list[TextWindow], threshold: float = 0.0):
         self.id = doc_id
         self.text = text
         self.windows = windows
+        self.threshold = threshold
+        self.below = 0
+        self._scores: dict = {}
         self.pending = 0
         self.entities: dict = {}
         self.relations: dict = {}
@@ -213,11 +266,22 @@ class _Document:
         a, b = window.start + local[0], window.start + local[1]
         return TextSpan(self.text[a:b], a, b)
 
-    def add(self, job: _Job, output: str, truncated: bool, new_tokens: int) -> None:
+    def add(self, job: _Job, output: str, truncated: bool, new_tokens: int, scored=None) -> None:
+        """One answer; ``scored`` (a :class:`prouie_pl.confidence.ScoredAnswer` of it) gives each unit its score."""
+        from .confidence import keep_unit
+
         parsed = parse_output(output, job.task, job.schema)
-        self.outputs.append(ChunkOutput(job.chunk, job.task, job.window.start, job.window.end, output, parsed.ok, truncated, new_tokens))
-        finder = SpanFinder(job.window.text)
         units = parsed.units
+        self._scores = {}
+        if scored is not None and len(scored.units) == len(units):
+            self._scores = {id(u): s for u, s in zip(units, scored.scores)}
+        self.outputs.append(ChunkOutput(job.chunk, job.task, job.window.start, job.window.end, output, parsed.ok, truncated, new_tokens,
+                                        list(scored.scores) if scored is not None else None))
+        if self.threshold > 0.0:
+            kept = [u for u in units if keep_unit(self._scores.get(id(u)), self.threshold)]
+            self.below += len(units) - len(kept)
+            units = kept
+        finder = SpanFinder(job.window.text)
         try:
             if job.task == "NER":
                 self._entities(job, finder, units)
@@ -243,7 +307,7 @@ class _Document:
                 self._lost(UnalignedUnit("entity", u.label, "not found in the text", job.chunk, text=u.text))
                 continue
             s = self._span(job.window, local)
-            self.entities.setdefault((s.start, s.end, u.label), EntityMention(s.text, u.label, s.start, s.end))
+            self._keep_best(self.entities, (s.start, s.end, u.label), EntityMention(s.text, u.label, s.start, s.end, self._scores.get(id(u))))
 
     def _relations(self, job: _Job, finder: SpanFinder, units) -> None:
         for u in units:
@@ -258,7 +322,14 @@ class _Document:
                 self._lost(UnalignedUnit("relation", u.label, f"{which} not found in the text", job.chunk, head=u.head, tail=u.tail))
                 continue
             hs, ts = self._span(job.window, h), self._span(job.window, t)
-            self.relations.setdefault((u.label, hs.start, hs.end, ts.start, ts.end), RelationMention(u.label, hs, ts))
+            self._keep_best(self.relations, (u.label, hs.start, hs.end, ts.start, ts.end), RelationMention(u.label, hs, ts, self._scores.get(id(u))))
+
+    @staticmethod
+    def _keep_best(found: dict, key, mention) -> None:
+        """A mention found again (overlapping windows) keeps its highest score."""
+        old = found.get(key)
+        if old is None or (mention.score is not None and (old.score is None or mention.score > old.score)):
+            found[key] = mention
 
     def _events(self, job: _Job, finder: SpanFinder, units) -> None:
         by_event: dict[int, list] = {}
@@ -282,8 +353,11 @@ class _Document:
                 self._lost(UnalignedUnit("event", trig.label, "trigger not found in the text", job.chunk, trigger=trig.text, arguments=pairs))
                 continue
             ts = self._span(job.window, local)
-            event = self.events.setdefault((trig.label, ts.start, ts.end), EventMention(trig.label, ts, []))
-            have = {(a.role, a.start, a.end) for a in event.arguments}
+            trig_score = self._scores.get(id(trig))
+            event = self.events.setdefault((trig.label, ts.start, ts.end), EventMention(trig.label, ts, [], trig_score))
+            if trig_score is not None and (event.score is None or trig_score > event.score):
+                event.score = trig_score
+            have = {(a.role, a.start, a.end): i for i, a in enumerate(event.arguments)}
             for a in args:
                 if not a.in_schema:
                     self._lost(UnalignedUnit("argument", trig.label, "role not in the schema", job.chunk, text=a.text, role=a.role, trigger=trig.text))
@@ -293,9 +367,13 @@ class _Document:
                     self._lost(UnalignedUnit("argument", trig.label, "not found in the text", job.chunk, text=a.text, role=a.role, trigger=trig.text))
                     continue
                 s = self._span(job.window, spot)
-                if (a.role, s.start, s.end) not in have:
-                    have.add((a.role, s.start, s.end))
-                    event.arguments.append(ArgumentMention(a.role, s.text, s.start, s.end))
+                mention = ArgumentMention(a.role, s.text, s.start, s.end, self._scores.get(id(a)))
+                i = have.get((a.role, s.start, s.end))
+                if i is None:
+                    have[(a.role, s.start, s.end)] = len(event.arguments)
+                    event.arguments.append(mention)
+                elif mention.score is not None and (event.arguments[i].score is None or mention.score > event.arguments[i].score):
+                    event.arguments[i] = mention
 
     def result(self) -> DocumentExtraction:
         events = sorted(self.events.values(), key=lambda e: (e.trigger.start, e.trigger.end, e.type))
@@ -309,7 +387,26 @@ class _Document:
             unaligned=list(self.unaligned.values()),
             chunks=len(self.windows),
             outputs=sorted(self.outputs, key=lambda o: (o.chunk, o.task)),
+            windows=self._window_reports(),
+            below_threshold=self.below,
         )
+
+    def _window_reports(self) -> list[WindowReport]:
+        from .text_windows import split_sentences
+
+        sentences = split_sentences(self.text) if self.windows else []
+        starts = [a for a, _ in sentences]
+
+        def inside(pos: int) -> bool:  # strictly inside a sentence (not at its edges)
+            i = bisect.bisect_right(starts, pos) - 1
+            return i >= 0 and sentences[i][0] < pos < sentences[i][1]
+
+        cut: dict[int, list[str]] = {}
+        for o in self.outputs:
+            if o.truncated:
+                cut.setdefault(o.chunk, []).append(o.task)
+        return [WindowReport(w.start, w.end, inside(w.start) or inside(w.end), tuple(sorted(cut.get(i, ()))))
+                for i, w in enumerate(self.windows)]
 
 
 # ------------------------------------------------------------------------------------------ the extractor
@@ -339,10 +436,18 @@ class Extractor:
         batch_size: prompts decoded together.
         constrained: decode under the schema constraint (concise format only; see :mod:`prouie_pl.constrained`).
         target_format: the answer format the model was trained to write, ``concise`` (SA, DE) or ``full`` (CM).
+        threshold: keep only the units scored above it (0, the default, keeps all; :mod:`prouie_pl.confidence`).
+        scores: score every unit (the ``score`` of each mention); off, mentions carry none and decoding skips
+            the log-probabilities.
+        calibration: a :class:`prouie_pl.confidence.Calibration` for the scores (``from_pretrained`` loads the
+            one saved with an adapter; identity otherwise).
     """
 
     def __init__(self, model, tokenizer, *, max_input_tokens: int = 512, max_new_tokens: int = 256, batch_size: int = 16,
-                 constrained: bool = False, target_format: str = "concise"):
+                 constrained: bool = False, target_format: str = "concise", threshold: float = 0.0, scores: bool = True,
+                 calibration=None):
+        from .confidence import Calibration, check_threshold
+
         if batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, not {batch_size}")
         if max_new_tokens < 8:
@@ -357,6 +462,11 @@ class Extractor:
         self.batch_size = batch_size
         self.constrained = constrained
         self.format = target_format
+        self.threshold = check_threshold(threshold, "--threshold")
+        if self.threshold > 0.0 and not scores:
+            raise ValueError("--threshold needs unit scores; drop --no_scores")
+        self.scores = scores
+        self.calibration = calibration if calibration is not None else Calibration()
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -386,6 +496,10 @@ class Extractor:
 
             from .modeling import check_adapter_keys, read_adapter_weights
 
+            if "calibration" not in options:
+                from .confidence import Calibration
+
+                options["calibration"] = Calibration.load(path)
             lm = PeftModel.from_pretrained(lm, str(path))
             check_adapter_keys(lm, read_adapter_weights(path), path)
             if quantization == "none":
@@ -479,7 +593,7 @@ class Extractor:
     def _prepare(self, doc_id: str, text: str, schemas: dict[str, LabelSchema], budget: int) -> tuple[_Document, list[_Job]]:
         prompts: dict = {}
         windows = self._windows(text, schemas, budget, prompts)
-        doc = _Document(doc_id, text, windows)
+        doc = _Document(doc_id, text, windows, self.threshold)
         jobs = []
         for i, w in enumerate(windows):
             for task, s in schemas.items():
@@ -489,6 +603,7 @@ class Extractor:
         return doc, jobs
 
     def _run_group(self, group: list, bar) -> Iterator[DocumentExtraction]:
+        from .confidence import score_answer
         from .decoding import constraint_factory, greedy_output, iter_decode
 
         jobs = [j for _, js in group for j in js]
@@ -508,10 +623,14 @@ class Extractor:
         # batches of similar prompt length, longest first, as every decoding path batches them
         for idx, done in iter_decode(self.model, [j.prompt for j in jobs], batch_size=self.batch_size,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                     pad_id=self.tokenizer.pad_token_id, processor_for=factory):
+                                     pad_id=self.tokenizer.pad_token_id, processor_for=factory, with_logprobs=self.scores):
             out = greedy_output(self.tokenizer, done)
-            for i, text, cut, n in zip(idx, out.texts, out.truncated, out.new_tokens):
-                jobs[i].doc.add(jobs[i], text, cut, n)
+            for k, (i, text, cut, n) in enumerate(zip(idx, out.texts, out.truncated, out.new_tokens)):
+                scored = None
+                if out.token_logprobs is not None:
+                    scored = score_answer(self.tokenizer, text, out.token_ids[k], out.token_logprobs[k], jobs[i].task, jobs[i].schema,
+                                          calibration=self.calibration)
+                jobs[i].doc.add(jobs[i], text, cut, n, scored)
                 jobs[i].doc.pending -= 1
             yield from ready()
 

@@ -30,13 +30,18 @@ class Prediction:
     index: int
     output: str
     truncated: bool = False
+    # the score of each unit the parser reads from ``output``, in its order (:mod:`prouie_pl.confidence`)
+    unit_scores: Optional[tuple[float, ...]] = None
 
     @property
     def uid(self) -> tuple[str, str, int]:
         return (self.task, self.dataset, self.index)
 
     def to_json(self) -> dict:
-        return {"task": self.task, "dataset": self.dataset, "index": self.index, "output": self.output, "truncated": self.truncated}
+        out = {"task": self.task, "dataset": self.dataset, "index": self.index, "output": self.output, "truncated": self.truncated}
+        if self.unit_scores is not None:
+            out["unit_scores"] = list(self.unit_scores)
+        return out
 
 
 def answer_problem(output: Optional[str], record: Optional[Record]) -> Optional[str]:
@@ -57,19 +62,26 @@ class EvalResult:
     predictions: list[Prediction] = field(default_factory=list)
 
     @classmethod
-    def score(cls, rows: Iterable[tuple[Record, str, bool]], mode: str = "strict", split: Optional[str] = None) -> "EvalResult":
-        """Score ``(record, output, truncated)`` rows; the predictions come out ordered by task, data set, index."""
+    def score(cls, rows: Iterable[tuple], mode: str = "strict", split: Optional[str] = None,
+              threshold: float = 0.0) -> "EvalResult":
+        """Score ``(record, output, truncated[, unit scores])`` rows; the predictions come out ordered by task,
+        data set, index.  ``threshold`` keeps only units scored above it (see :mod:`prouie_pl.confidence`)."""
         rows = sorted(rows, key=lambda x: (x[0].task, x[0].dataset, x[0].index))
+        rows = [(r[0], r[1], r[2], r[3] if len(r) > 3 else None) for r in rows]
         scorer = Scorer(mode)
-        for rec, out, _ in rows:
-            scorer.add(rec, out)
+        for rec, out, _, scores in rows:
+            scorer.add(rec, out, unit_scores=scores, threshold=threshold)
         report = scorer.report()
         report["overall_f1"] = round(overall_f1(report), 4)
-        report["truncated_outputs"] = sum(1 for _, _, cut in rows if cut)
+        report["truncated_outputs"] = sum(1 for row in rows if row[2])
         report["n"] = len(rows)
+        if threshold:
+            report["threshold"] = threshold
         if split is not None:
             report["split"] = split
-        return cls(report, [Prediction(rec.task, rec.dataset, rec.index, out, bool(cut)) for rec, out, cut in rows])
+        return cls(report, [Prediction(rec.task, rec.dataset, rec.index, out, bool(cut),
+                                       None if sc is None else tuple(round(float(x), 6) for x in sc))
+                            for rec, out, cut, sc in rows])
 
     # ------------------------------------------------------------------ what the report says
 
@@ -126,4 +138,5 @@ class EvalResult:
         report = json.loads((folder / REPORT).read_text(encoding="utf-8"))
         path = folder / PREDICTIONS
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
-        return cls(report, [Prediction(r["task"], r["dataset"], r["index"], r.get("output") or "", bool(r.get("truncated", False))) for r in rows])
+        return cls(report, [Prediction(r["task"], r["dataset"], r["index"], r.get("output") or "", bool(r.get("truncated", False)),
+                                       tuple(r["unit_scores"]) if isinstance(r.get("unit_scores"), list) else None) for r in rows])

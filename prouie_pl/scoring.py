@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from .parser import ParseResult, parse_output
 from .schema import Record, Unit, record_units
@@ -118,8 +118,12 @@ class Scorer:
         self.failures: dict[tuple[str, str], int] = defaultdict(int)
         self.missing: dict[tuple[str, str], int] = defaultdict(int)
 
-    def add(self, record: Record, output: Optional[str]) -> ParseResult:
-        """Score one model output (raw text; ``None`` for a missing prediction, scored as empty)."""
+    def add(self, record: Record, output: Optional[str], unit_scores: Optional[Sequence[float]] = None,
+            threshold: float = 0.0) -> ParseResult:
+        """Score one model output (raw text; ``None`` for a missing prediction, scored as empty).
+
+        With ``threshold`` > 0 only the units whose score (``unit_scores``, one per parsed unit in parse order;
+        :mod:`prouie_pl.confidence`) is above it count; an answer without scores then keeps nothing."""
         key = (record.task, record.dataset)
         self.n[key] += 1
         missing = output is None
@@ -128,7 +132,16 @@ class Scorer:
             output = ""
         parsed = parse_output(output, record.task, record.schema)
         gold = record_units(record)
-        counts = {m: set_counts(metric_keys(gold, m), metric_keys(parsed.units, m)) for m in TASK_METRICS[record.task]}
+        units = parsed.units
+        if threshold > 0.0:
+            if self.mode != "strict":
+                raise ValueError(f"a unit-score threshold works with the strict scorer, not mode={self.mode!r}")
+            scores = list(unit_scores) if unit_scores is not None else []
+            if unit_scores is not None and len(scores) != len(units):
+                raise ValueError(f"{record.task}/{record.dataset} record {record.index}: {len(scores)} unit scores for "
+                                 f"{len(units)} parsed units (the scores belong to another output?)")
+            units = [u for u, s in zip(units, scores) if s > threshold]
+        counts = {m: set_counts(metric_keys(gold, m), metric_keys(units, m)) for m in TASK_METRICS[record.task]}
         failed = not parsed.ok
         if self.mode == "instructuie" and record.task in ("NER", "RE"):
             compat, failed = instructuie_record(record, output, parsed)

@@ -27,10 +27,13 @@ class GenerationSettings:
         constrained: schema-constrained decoding (:mod:`prouie_pl.constrained`): only the concise format's
             skeleton, the record's schema labels and spans copied from its sentence; every answer parses.  It
             writes the concise format, so it suits SA and DE models (and data with ``target_format: concise``).
+        unit_scores: score every unit of every answer (:mod:`prouie_pl.confidence`, with the calibration saved
+            beside ``lora.init_adapter`` when there is one); the scores go to ``predictions.jsonl``.
     """
 
     max_new_tokens: int = 256
     constrained: bool = False
+    unit_scores: bool = True
 
 
 class UIEModule(L.LightningModule):
@@ -115,6 +118,13 @@ class UIEModule(L.LightningModule):
         With ``generation.constrained`` the answers are decoded under the schema constraint of each row's record
         (``records``, in batch order: task, schema and sentence).
         """
+        out = self.generate_answers(input_ids, attention_mask, max_new_tokens, records)
+        return out.texts, out.truncated
+
+    def generate_answers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: Optional[int] = None,
+                         records: Optional[Sequence[Record]] = None, with_logprobs: bool = False):
+        """:meth:`generate_texts` as a :class:`prouie_pl.decoding.GreedyOutput` (token ids and their
+        log-probabilities too with ``with_logprobs``)."""
         from .decoding import generate_greedy
 
         limit = max_new_tokens or self.generation_settings.max_new_tokens
@@ -123,16 +133,33 @@ class UIEModule(L.LightningModule):
             if records is None:
                 raise ValueError("model.generation.constrained needs the batch's records (task, schema, sentence) to constrain on")
             rows = [(r.task, r.schema, r.sentence) for r in records]
-        out = generate_greedy(self.model, self.tokenizer, input_ids, attention_mask, limit, self.stop_ids, constraint_rows=rows)
-        return out.texts, out.truncated
+        return generate_greedy(self.model, self.tokenizer, input_ids, attention_mask, limit, self.stop_ids, constraint_rows=rows,
+                               with_logprobs=with_logprobs)
 
-    def _decode_step(self, batch: dict) -> dict:
+    @property
+    def calibration(self):
+        """The unit-score calibration saved with ``lora.init_adapter`` (identity when there is none)."""
+        from .confidence import Calibration
+
+        if getattr(self, "_calibration", None) is None:
+            self._calibration = Calibration.load(getattr(self.lora_settings, "init_adapter", None))
+        return self._calibration
+
+    def _decode_step(self, batch: dict, scores: bool = True) -> dict:
         records = batch["records"].items
-        texts, cut = self.generate_texts(batch["input_ids"], batch["attention_mask"], records=records)
-        return {"records": records, "outputs": texts, "truncated": cut}
+        scored = scores and self.generation_settings.unit_scores
+        out = self.generate_answers(batch["input_ids"], batch["attention_mask"], records=records, with_logprobs=scored)
+        step = {"records": records, "outputs": out.texts, "truncated": out.truncated}
+        if scored and out.token_logprobs is not None:
+            from .confidence import score_answer
+
+            cal = self.calibration
+            step["unit_scores"] = [score_answer(self.tokenizer, text, ids, lps, rec.task, rec.schema, calibration=cal).scores
+                                   for text, ids, lps, rec in zip(out.texts, out.token_ids, out.token_logprobs, records)]
+        return step
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._decode_step(batch)
+        return self._decode_step(batch, scores=False)  # dev checks need F1 only
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         return self._decode_step(batch)

@@ -181,9 +181,13 @@ def test_api_import_lists_and_documents_in_order(lm, scripted):
     results = ex.extract(texts, {"entities": ["person"]}, ids=["a", "b", "c", "d"])
     assert [r.id for r in results] == ["a", "b", "c", "d"]
     assert [[e.text for e in r.entities] for r in results] == [["Ann"], [], ["Bob"], ["Cy"]]
-    assert results[1].chunks == 0 and results[1].to_json() == {"id": "b", "entities": [], "relations": [], "events": [], "unaligned": [], "chunks": 0}
+    assert results[1].chunks == 0 and results[1].to_json() == {
+        "id": "b", "entities": [], "relations": [], "events": [], "unaligned": [], "chunks": 0, "truncated_answers": 0,
+        "cut_windows": 0, "below_threshold": 0, "windows": []}
     single = ex.extract("Dee waved.", {"entities": ["person"]})
-    assert single.entities[0].to_json() == {"text": "Dee", "type": "person", "start": 0, "end": 3}
+    # the scripted model puts all its mass on each token it writes: the unit's probability is 1
+    assert single.entities[0].to_json() == {"text": "Dee", "type": "person", "start": 0, "end": 3, "score": 1.0}
+    assert single.to_json()["windows"] == [{"start": 0, "end": 10, "sentence_cut": False, "truncated_tasks": []}]
 
 
 def test_a_huge_document_is_extracted_whole(lm, scripted):
@@ -254,9 +258,10 @@ def test_folder_jsonl_and_stdin_inputs(command, tmp_path, monkeypatch):
     assert code == 0, err
     got = lines(out)
     assert [d["id"] for d in got] == ["a", "b"]
-    assert got[0]["entities"] == [{"text": "Al", "type": "person", "start": 0, "end": 2}] and got[0]["chunks"] == 1
-    assert got[1]["entities"] == [{"text": "Bea", "type": "person", "start": 0, "end": 3}]
-    assert set(got[0]) == {"id", "entities", "relations", "events", "unaligned", "chunks"}
+    assert got[0]["entities"] == [{"text": "Al", "type": "person", "start": 0, "end": 2, "score": 1.0}] and got[0]["chunks"] == 1
+    assert got[1]["entities"] == [{"text": "Bea", "type": "person", "start": 0, "end": 3, "score": 1.0}]
+    assert set(got[0]) == {"id", "entities", "relations", "events", "unaligned", "chunks", "truncated_answers", "cut_windows",
+                           "below_threshold", "windows"}
 
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text(json.dumps({"id": "x1", "text": "Cat naps."}) + "\n\n" + json.dumps({"text": "Dan ran."}) + "\n", encoding="utf-8")
@@ -314,7 +319,7 @@ def test_an_adapter_folder_loads_with_its_base_from_adapter_config(command, tiny
     out = tmp_path / "out.jsonl"
     code, err = command("--input", doc, "--out", out, "--constrained", model=str(adapter), answer_for=first_word_is_a_person)
     assert code == 0, err
-    assert lines(out)[0]["entities"] == [{"text": "Fay", "type": "person", "start": 0, "end": 3}]
+    assert lines(out)[0]["entities"] == [{"text": "Fay", "type": "person", "start": 0, "end": 3, "score": 1.0}]
 
 
 def test_labels_from_a_data_set(command, demo_dir, tmp_path):
@@ -324,7 +329,7 @@ def test_labels_from_a_data_set(command, demo_dir, tmp_path):
     code, err = command("--input", doc, "--out", out, "--labels_from", demo_dir / "NER" / "DemoNER",
                         answer_for=lambda p: '{"location": "Quito"}')
     assert code == 0, err
-    assert lines(out)[0]["entities"] == [{"text": "Quito", "type": "location", "start": 17, "end": 22}]
+    assert lines(out)[0]["entities"] == [{"text": "Quito", "type": "location", "start": 17, "end": 22, "score": 1.0}]
 
 
 @pytest.mark.parametrize("case", ["empty schema", "schema syntax", "schema shape", "missing input", "not utf-8", "bad jsonl",
@@ -382,4 +387,73 @@ def test_empty_document_gives_an_empty_line(command, tmp_path):
     doc.write_text("  \n\n \t", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     assert command("--input", doc, "--out", out)[0] == 0
-    assert lines(out) == [{"id": "blank", "entities": [], "relations": [], "events": [], "unaligned": [], "chunks": 0}]
+    assert lines(out) == [{"id": "blank", "entities": [], "relations": [], "events": [], "unaligned": [], "chunks": 0,
+                           "truncated_answers": 0, "cut_windows": 0, "below_threshold": 0, "windows": []}]
+
+
+# ------------------------------------------------------------------------------------------ scores, threshold, truncation
+
+
+class DoubtfulAnswers(ScriptedAnswers):
+    """Scripted answers where the first token of each word in ``doubt`` gets a rival token 1/3 as likely: the
+    written token then has probability 3/4 (and stays the greedy choice)."""
+
+    def __init__(self, model, tokenizer, answer_for, stop_id: int, doubt: tuple[str, ...]):
+        self.doubt = doubt
+        super().__init__(model, tokenizer, answer_for, stop_id)
+
+    def _logits(self, prompts, step, logits):
+        import math
+
+        out = super()._logits(prompts, step, logits)
+        if step == 0:
+            self.doubt_steps = []
+            for p in prompts:
+                answer = self.answer_for(p)
+                enc = self.tok(answer, add_special_tokens=False, return_offsets_mapping=True)
+                starts = {answer.index(w) for w in self.doubt if w in answer}
+                self.doubt_steps.append({t for t, (a, b) in enumerate(enc["offset_mapping"]) if any(a <= x < b for x in starts)})
+        live = list(range(len(self.scripts))) if out.shape[0] == len(self.scripts) else [i for i, s in enumerate(self.scripts) if len(s) > step]
+        for row, i in enumerate(live):
+            if step in self.doubt_steps[i]:
+                chosen = self.scripts[i][step]
+                rival = 3 if chosen != 3 else 4
+                out[row, rival] = 20.0 - math.log(3.0)
+        return out
+
+
+def test_units_carry_scores_and_the_threshold_drops_the_unsure_ones(lm):
+    model, tok = lm
+    answer = '{"person": "Ann; Bob"}'
+    hook = DoubtfulAnswers(model, tok, lambda p: answer if task_of(p) == "NER" else "{}", tok.eos_token_id, ("Bob",))
+    try:
+        text = "Ann met Bob."
+        doc = Extractor(model, tok, batch_size=2).extract(text, {"entities": ["person"]})
+        scores = {e.text: e.score for e in doc.entities}
+        assert scores["Ann"] == pytest.approx(1.0, abs=1e-4)
+        assert scores["Bob"] == pytest.approx(0.75, abs=1e-3)
+        sure = Extractor(model, tok, batch_size=2, threshold=0.8).extract(text, {"entities": ["person"]})
+        assert [e.text for e in sure.entities] == ["Ann"] and sure.below_threshold == 1
+        assert [e.text for e in Extractor(model, tok, batch_size=2, threshold=0.0).extract(text, {"entities": ["person"]}).entities] == ["Ann", "Bob"]
+        assert not Extractor(model, tok, batch_size=2, threshold=1.0).extract(text, {"entities": ["person"]}).entities
+        bare = Extractor(model, tok, batch_size=2, scores=False).extract(text, {"entities": ["person"]})
+        assert [e.score for e in bare.entities] == [None, None] and "score" not in bare.entities[0].to_json()
+        with pytest.raises(ValueError, match="threshold"):
+            Extractor(model, tok, threshold=0.5, scores=False)
+    finally:
+        hook.remove()
+
+
+def test_truncated_answers_and_cut_sentences_are_reported(lm, scripted):
+    model, tok = lm
+    scripted(lambda p: json.dumps({"person": "; ".join(["Zebulon Quartermaine"] * 30)}) if task_of(p) == "NER" else "{}")
+    long_sentence = " ".join(["word"] * 300) + " Zebulon Quartermaine stayed."
+    doc = Extractor(model, tok, max_input_tokens=160, max_new_tokens=24, batch_size=4).extract(long_sentence, {"entities": ["person"]})
+    assert doc.chunks > 1
+    # one sentence longer than a window: every window cuts it; every NER answer hit the 24-token cap
+    assert doc.cut_windows == doc.chunks and all(w.sentence_cut for w in doc.windows)
+    assert doc.truncated_answers == doc.chunks and all(w.truncated_tasks == ("NER",) for w in doc.windows)
+    j = doc.to_json()
+    assert j["cut_windows"] == doc.chunks and j["truncated_answers"] == doc.chunks
+    short = Extractor(model, tok, max_input_tokens=160, max_new_tokens=24).extract("Ann ran. Bob sat.", {"entities": ["person"]})
+    assert short.cut_windows == 0

@@ -84,6 +84,11 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
         lines = (d / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == 9  # 3 test records x 3 data sets
         assert {"task", "dataset", "index", "output"} <= set(json.loads(lines[0]))
+        for row in map(json.loads, lines):  # a score for every unit the answer holds, each a probability
+            from prouie_pl.parser import parse_output
+
+            n_units = len(parse_output(row["output"], row["task"]).units)
+            assert len(row["unit_scores"]) == n_units and all(0.0 <= x <= 1.0 for x in row["unit_scores"])
         report = json.loads((d / "report.json").read_text())
         assert report["n"] == 9 and "overall_f1" in report
     zs = json.loads((out / "zero_shot" / "stage.json").read_text())

@@ -108,8 +108,9 @@ class GenerationEvaluator(L.Callback):
     def _collect(self, outputs) -> None:
         if not outputs:
             return
-        for rec, out, cut in zip(outputs["records"], outputs["outputs"], outputs["truncated"]):
-            self._rows.append((rec, out, cut))
+        scores = outputs.get("unit_scores") or [None] * len(outputs["outputs"])
+        for rec, out, cut, sc in zip(outputs["records"], outputs["outputs"], outputs["truncated"], scores):
+            self._rows.append((rec, out, cut, sc))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(outputs)
@@ -123,10 +124,10 @@ class GenerationEvaluator(L.Callback):
     # ------------------------------------------------------------------ scoring
 
     def _score(self, split: Optional[str] = None) -> tuple[EvalResult, list]:
-        rows = _gather([(r, o, c) for r, o, c in self._rows])
+        rows = _gather(list(self._rows))
         rows.sort(key=lambda x: (x[0].task, x[0].dataset, x[0].index))
         self.last_result = EvalResult.score(rows, self.mode, split)
-        return self.last_result, rows
+        return self.last_result, [row[:3] for row in rows]
 
     def _log(self, pl_module, prefix: str, result: EvalResult) -> None:
         n = max(1, result.n)
