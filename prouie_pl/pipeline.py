@@ -26,6 +26,8 @@ The pipeline YAML::
     zero_shot: true         # optional: score the base model before any training (prompts of the first stage)
     test_dtype: float32     # optional: same | float32 -- decode the test split with the frozen base cast to
                             # float32 (a bf16 base trains faster on some CPUs but decodes slower there)
+    extract_demo: demo      # optional: run the final adapter with ``extract`` on a paragraph (a YAML file
+                            # with ``text`` and ``schema``; ``demo``: the shipped one) and end the report with it
 """
 
 from __future__ import annotations
@@ -145,8 +147,20 @@ def answer_summary(result: "EvalResult", records, per_task: int = 2) -> dict:
     return {"answers": len(result.predictions), "blank_answers": blank, "answers_without_structures": no_units, "examples": examples}
 
 
+def sentence_counts(result: "EvalResult", records) -> dict:
+    """Each test sentence's strict (tp, fp, fn) per data set and metric, in the predictions' order (task, data
+    set, index), as JSON: what the report's bootstrap intervals resample."""
+    from .intervals import counts_to_json, per_sentence_counts
+
+    by_uid = {r.uid: r for r in records}
+    pairs = [(by_uid[p.uid], p.output) for p in result.predictions if p.uid in by_uid]
+    return counts_to_json(per_sentence_counts([r for r, _ in pairs], [o for _, o in pairs]))
+
+
 def _finish(stage_dir: Path, records, info: dict, result: "EvalResult", t0: float) -> tuple[dict, "EvalResult"]:
     info.update(answer_summary(result, records))
+    info["truncated_answers"] = result.truncated
+    info["sentence_counts"] = sentence_counts(result, records)
     info["test_overall_f1"] = result.overall_f1
     info["seconds"] = round(time.perf_counter() - t0, 1)
     (stage_dir / DONE).write_text(json.dumps(info, indent=2) + "\n")
@@ -208,6 +222,41 @@ def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optio
     return _finish(stage_dir, cli.datamodule.test_records, info, result, t0)
 
 
+def load_extract_demo(spec: str) -> dict:
+    """``text`` and ``schema`` of an ``extract_demo`` file (``demo``: the shipped paragraph)."""
+    import yaml
+
+    path = Path(__file__).parent / "demo_data" / "extract_demo.yaml" if spec == "demo" else Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"extract_demo: {spec!r} is neither 'demo' nor a YAML file")
+    obj = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not isinstance(obj.get("schema"), dict):
+        raise ValueError(f"extract_demo {path}: needs 'text' (a string) and 'schema' (entities / relations / events)")
+    return {"path": str(path), "text": obj["text"], "schema": obj["schema"]}
+
+
+def run_extract_demo(adapter: str, spec: str, target_format: str) -> dict:
+    """The final adapter run on the demo paragraph as ``extract`` runs it: what the report's last section shows."""
+    from .extractor import Extractor
+
+    demo = load_extract_demo(spec)
+    t0 = time.perf_counter()
+    ex = Extractor.from_pretrained(adapter, device="cpu", target_format=target_format)
+    doc = ex.extract(demo["text"], demo["schema"])
+    found = [{"kind": "entity", "type": e.type, "text": e.text, "start": e.start, "end": e.end, "score": e.score} for e in doc.entities]
+    found += [{"kind": "relation", "type": r.type, "text": f"{r.head.text} -> {r.tail.text}", "start": r.head.start,
+               "end": r.tail.end, "score": r.score} for r in doc.relations]
+    for e in doc.events:
+        found.append({"kind": "event trigger", "type": e.type, "text": e.trigger.text, "start": e.trigger.start, "end": e.trigger.end,
+                      "score": e.score})
+        found += [{"kind": f"argument ({a.role})", "type": e.type, "text": a.text, "start": a.start, "end": a.end, "score": a.score}
+                  for a in e.arguments]
+    del ex
+    return {"command": f"python -m prouie_pl extract --model {adapter} --format {target_format} --schema {demo['path']}",
+            "text": demo["text"], "schema": demo["schema"], "json": json.dumps(doc.to_json(), ensure_ascii=False),
+            "found": found, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def run_pipeline(config: Union[str, dict], out_dir: str, restart_from: Optional[str] = None, extra: Optional[dict] = None) -> dict:
     """Run the stages of ``config`` (a pipeline YAML, or settings from :func:`load_pipeline_config`) in ``out_dir``."""
     from .reports import make_plots, print_summary, write_markdown
@@ -246,9 +295,25 @@ def run_pipeline(config: Union[str, dict], out_dir: str, restart_from: Optional[
             print(f"[prouie] pipeline: running {s} in {stage_dir}" + (f" from {prev_adapter}" if prev_adapter else ""))
             infos[s], results[s] = run_stage(s, cfg["stages"][s], stage_dir, prev_adapter, overrides, cfg["adapter"], cfg["test_dtype"])
         prev_adapter = infos[s]["adapter"]
+    extraction = None
+    if cfg.get("extract_demo"):
+        last = stages[-1]
+        saved = out / "extract_demo.json"
+        key = {"adapter_checksum": infos[last].get("adapter_checksum"), "spec": cfg["extract_demo"]}
+        old = json.loads(saved.read_text()) if saved.is_file() else {}
+        if old.get("key") == key and key["adapter_checksum"]:
+            extraction = old["result"]  # same adapter, same paragraph: the answer of the run that made it
+        else:
+            print(f"[prouie] pipeline: the {last} adapter on the extract demo paragraph")
+            extraction = run_extract_demo(infos[last]["adapter"], cfg["extract_demo"], "full" if last == "cm" else "concise")
+            saved.write_text(json.dumps({"key": key, "result": extraction}, indent=2) + "\n")
     plots = make_plots(out, results, stages, infos)
-    write_markdown(out, results, plots, infos)
-    (out / "pipeline.json").write_text(json.dumps({"config": config, "stages": infos}, indent=2) + "\n")
+    write_markdown(out, results, plots, infos, extraction)
+    (out / "pipeline.json").write_text(json.dumps({"config": config, "stages": infos, "extract_demo": extraction}, indent=2) + "\n")
     print_summary(results, infos)
+    if extraction is not None:
+        print("\n".join(["", "The final adapter on new text:"] + [f"  {f['kind']:<24} {f['type']:<22} {f['text']!r} "
+                                                                    f"[{f['start']}:{f['end']}] score {f['score'] if f['score'] is None else round(f['score'], 2)}"
+                                                                    for f in extraction["found"]] or ["  nothing found"]))
     print(f"[prouie] pipeline report: {out / 'report.md'}")
     return infos

@@ -74,15 +74,62 @@ def f1_table(results: dict[str, EvalResult]) -> tuple[list[str], list[list]]:
 def cost_table(results: dict[str, EvalResult], infos: dict[str, dict]) -> tuple[list[str], list[list]]:
     """One row per stage: what it cost (training), what decoding the test split took, and its answers."""
     headers = ["stage", "train s", "optimizer steps", "training tokens", "GRPO completions", "test decode s",
-               "cumulative s", "overall F1", "parse failures", "blank answers", "answers without structures"]
+               "cumulative s", "overall F1", "parse failures", "hit the token cap", "blank answers", "answers without structures"]
     rows = []
     for s, total in zip(results, cumulative_seconds(results, infos)):
         info = infos.get(s, {})
         cost = info.get("cost", {})
         rows.append([STAGE_NAMES.get(s, s), cost.get("seconds", 0.0), cost.get("steps", 0), cost.get("tokens", 0),
                      cost.get("completions", 0), info.get("test_seconds", 0.0), total, overall(results[s]),
-                     results[s].parse_failures, info.get("blank_answers", 0), info.get("answers_without_structures", 0)])
+                     results[s].parse_failures, results[s].truncated, info.get("blank_answers", 0),
+                     info.get("answers_without_structures", 0)])
     return headers, rows
+
+
+def intervals(infos: dict[str, dict], n_boot: int = 1000) -> Optional[dict]:
+    """Bootstrap intervals (:func:`prouie_pl.intervals.stage_intervals`) from the stages' per-sentence counts;
+    None when a stage has none (a ``stage.json`` written before they were kept)."""
+    from .intervals import counts_from_json, stage_intervals
+
+    if not infos or not all("sentence_counts" in i for i in infos.values()):
+        return None
+    counts = {s: counts_from_json(i["sentence_counts"]) for s, i in infos.items()}
+    try:
+        return stage_intervals(counts, n_boot)
+    except ValueError:  # stages scored on different sentences: no paired intervals
+        return None
+
+
+def interval_tables(results: dict[str, EvalResult], ci: dict) -> tuple[tuple[list, list], tuple[list, list]]:
+    """(F1 with its 95% interval per stage and task average / overall) and (each stage against the one before:
+    the paired difference and its interval)."""
+    from .intervals import OVERALL
+
+    metrics = [m for m in METRICS if any(m in r.tasks for r in results.values())]
+    keys = [(("average", m), m) for m in metrics] + [(OVERALL, "overall")]
+
+    def value(s, key):
+        return overall(results[s]) if key == OVERALL else results[s].tasks.get(key[1], {}).get("average_f1")
+
+    head1 = ["stage"] + [name for _, name in keys]
+    rows1 = []
+    for s in results:
+        cells = [STAGE_NAMES.get(s, s)]
+        for key, _ in keys:
+            v, iv = value(s, key), ci["arms"].get(s, {}).get(key)
+            cells.append("-" if v is None else f"{v:.1f} [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else f"{v:.1f}")
+        rows1.append(cells)
+    head2 = ["comparison"] + [name for _, name in keys] + ["beyond its interval"]
+    rows2 = []
+    for (a, r), diff in ci["differences"].items():
+        cells = [f"{STAGE_NAMES.get(a, a)} - {STAGE_NAMES.get(r, r)}"]
+        for key, _ in keys:
+            va, vr, iv = value(a, key), value(r, key), diff.get(key)
+            cells.append("-" if va is None or vr is None or iv is None else f"{va - vr:+.1f} [{iv[0]:+.1f}, {iv[1]:+.1f}]")
+        lo, hi = diff.get(OVERALL, (0.0, 0.0))
+        cells.append("better" if lo > 0 else "worse" if hi < 0 else "no (overall)")
+        rows2.append(cells)
+    return (head1, rows1), (head2, rows2)
 
 
 def _cell(v) -> str:
@@ -101,7 +148,8 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def write_markdown(out_dir: Path, results: dict[str, EvalResult], plots: list[str], infos: Optional[dict] = None) -> Path:
+def write_markdown(out_dir: Path, results: dict[str, EvalResult], plots: list[str], infos: Optional[dict] = None,
+                   extraction: Optional[dict] = None) -> Path:
     infos = infos or {}
     headers, rows = f1_table(results)
     lines = ["# ProUIE pipeline report", "", f"Test-split F1 (strict mode) before training and after each stage, in `{out_dir}`.", "",
@@ -114,6 +162,17 @@ def write_markdown(out_dir: Path, results: dict[str, EvalResult], plots: list[st
               "completions instead. Cumulative seconds include the test decoding after each stage.", "",
               "| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     lines += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in rows]
+    ci = intervals(infos)
+    if ci is not None:
+        (h1, r1), (h2, r2) = interval_tables(results, ci)
+        lines += ["", "## How sure these figures are", "",
+                  "95% bootstrap intervals over the test sentences (1,000 resamples of each data set's sentences, the "
+                  "same draws for every stage, so the differences are paired). They show test-sentence noise only: "
+                  "another training run would add its own spread.", "",
+                  "| " + " | ".join(h1) + " |", "|" + "|".join(["---"] * len(h1)) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in r1]
+        lines += ["", "| " + " | ".join(h2) + " |", "|" + "|".join(["---"] * len(h2)) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in r2]
     examples = {s: infos.get(s, {}).get("examples", {}) for s in results}
     tasks = sorted({t for ex in examples.values() for t in ex})
     if tasks:
@@ -128,6 +187,8 @@ def write_markdown(out_dir: Path, results: dict[str, EvalResult], plots: list[st
                     lines.append(f"| {STAGE_NAMES.get(s, s)} | `{_md_escape(ex[task][k]['prediction']) or '(blank)'}` |")
             lines.append("")
     lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    if extraction:
+        lines += extraction_section(extraction)
     path = Path(out_dir) / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -176,21 +237,20 @@ def plot_f1_by_stage(results: dict[str, EvalResult], path: Path) -> Optional[str
 
 
 def plot_training_loss(metrics: dict[str, list[dict]], path: Path) -> Optional[str]:
-    """The ``train/loss`` curves of the stages (stage -> CSV log rows, in order), drawn back to back."""
+    """The ``train/loss`` curve of every stage (stage -> CSV log rows, in order), one panel each: the SFT stages'
+    answer-token loss and the GRPO stage's policy loss are different quantities.  A stage of one logged point
+    shows as a marker."""
     curves = {s: series(rows, "train/loss") for s, rows in metrics.items()}
     curves = {s: c for s, c in curves.items() if c[0]}
     if not curves:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for s, (xs, ys) in curves.items():
-        ax.plot([x + offset for x in xs], ys, label=STAGE_NAMES.get(s, s))
-        offset += max(xs) + 1
-    ax.set_xlabel("optimizer step (stages back to back)")
-    ax.set_ylabel("answer-token loss")
-    ax.set_title("Supervised training loss per stage")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves) + 1, 3.6), squeeze=False)
+    for ax, (s, (xs, ys)) in zip(axes[0], curves.items()):
+        ax.plot(xs, ys, marker="." if len(xs) < 40 else None)
+        ax.set_title(STAGE_NAMES.get(s, s) + (" (GRPO loss)" if s == "de" else " (answer-token loss)"), fontsize=9)
+        ax.set_xlabel("optimizer step")
+    axes[0][0].set_ylabel("training loss")
     return _save(fig, path)
 
 
@@ -235,7 +295,7 @@ def make_plots(out_dir: Path, results: dict[str, EvalResult], stages, infos: Opt
     """The pipeline's PNGs in ``out_dir`` (training curves from the stage folders' CSV logs); the paths made."""
     out_dir = Path(out_dir)
     made = [plot_f1_by_stage(results, out_dir / "f1_by_stage.png"),
-            plot_training_loss({s: latest_metrics(out_dir / s) for s in stages if s != "de"}, out_dir / "training_loss.png")]
+            plot_training_loss({s: latest_metrics(out_dir / s) for s in stages}, out_dir / "training_loss.png")]
     if "de" in stages:
         made.append(plot_grpo_reward(latest_metrics(out_dir / "de"), out_dir / "grpo_reward.png"))
     if infos:
@@ -267,3 +327,29 @@ def print_summary(results: dict[str, EvalResult], infos: Optional[dict] = None, 
         for r in rows:
             table.add_row(*[_cell(v) for v in r])
         console.print(table)
+        ci = intervals(infos)
+        if ci is not None:
+            for title, (h, rs) in zip(("Test F1 with 95% bootstrap intervals", "Each stage against the one before (paired)"),
+                                      interval_tables(results, ci)):
+                table = Table(title=title)
+                for col in h:
+                    table.add_column(col, justify="left" if col in ("stage", "comparison") else "right")
+                for r in rs:
+                    table.add_row(*r)
+                console.print(table)
+
+
+def extraction_section(ex: dict) -> list[str]:
+    """The report's last section: the final adapter run with ``extract`` on a paragraph outside the data."""
+    lines = ["", "## The final adapter on new text", "",
+             f"`{ex.get('command', 'python -m prouie_pl extract')}` on a paragraph that is in none of the data sets "
+             f"({ex.get('seconds', 0):.1f} s):", "", "> " + ex.get("text", "").replace("\n", "\n> "), "",
+             f"Schema: `{ex.get('schema')}`", "", "```json", ex.get("json", ""), "```"]
+    found = ex.get("found") or []
+    if found:
+        lines += ["", "| kind | type | text | offsets | score |", "|---|---|---|---|---|"]
+        lines += [f"| {f['kind']} | {f['type']} | {_md_escape(f['text'])} | {f['start']}-{f['end']} | "
+                  f"{'-' if f.get('score') is None else format(f['score'], '.2f')} |" for f in found]
+    else:
+        lines += ["", "The adapter found nothing in it."]
+    return lines

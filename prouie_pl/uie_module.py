@@ -68,6 +68,13 @@ class UIEModule(L.LightningModule):
             device = self.trainer.strategy.root_device
             self._check_strategy()
         self.model = load_model(self.base_settings, self.lora_settings, device)
+        # ``from_pretrained`` leaves the base in eval mode and Lightning does not change it at fit start (it only
+        # warns about "modules in eval mode").  Eval mode there is not harmless: transformers skips gradient
+        # checkpointing in layers that are not training, so ``model.base.gradient_checkpointing`` would do
+        # nothing.  The bases shipped here have no dropout outside LoRA (attention dropout 0), so train mode
+        # changes no number; Lightning's evaluation loops, and every decoding path (``decoding.eval_mode``),
+        # switch to eval mode and back themselves.
+        self.model.train()
         from .chat import check_answer_end
 
         check_answer_end(self.tokenizer, self.model)

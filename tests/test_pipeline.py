@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def _pipeline_config(tmp_path: Path, model_dir: Path) -> Path:
         "adapter": "last",
         "zero_shot": True,
         "test_dtype": "float32",
+        "extract_demo": "demo",
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -47,9 +49,9 @@ def _spy_on_reports(monkeypatch) -> list[dict]:
 
     seen, real = [], reports.write_markdown
 
-    def spy(out_dir, results, plots, infos=None):
+    def spy(out_dir, results, plots, infos=None, extraction=None):
         seen.append(dict(results))
-        return real(out_dir, results, plots, infos)
+        return real(out_dir, results, plots, infos, extraction)
 
     monkeypatch.setattr(reports, "write_markdown", spy)
     return seen
@@ -99,6 +101,27 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     md = (out / "report.md").read_text()
+    # intervals: F1 of every stage with its 95% interval, and each stage against the one before
+    section = md.split("## How sure these figures are", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    for name in ("zero-shot", "CM", "CM+SA", "CM+SA+DE"):
+        row = next(r for r in rows if r.startswith(f"| {name} |"))
+        assert re.search(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", row), row
+    for pair in ("CM - zero-shot", "CM+SA - CM", "CM+SA+DE - CM+SA"):
+        assert any(r.startswith(f"| {pair} |") for r in rows), pair
+    # every stage's training loss is drawn (one logged point per step at these sizes)
+    from prouie_pl.reports import latest_metrics, series
+
+    for stage in ("cm", "sa", "de"):
+        assert series(latest_metrics(out / stage), "train/loss")[0], stage
+    # the last section: the final adapter run by extract on the shipped paragraph, offsets included
+    tail = md.split("## The final adapter on new text", 1)[1]
+    assert "python -m prouie_pl extract --model" in tail and "Helena Marsh" in tail
+    demo = json.loads((out / "pipeline.json").read_text())["extract_demo"]
+    doc = json.loads(demo["json"])
+    assert {"entities", "relations", "events", "windows", "truncated_answers"} <= set(doc)
+    for f in demo["found"]:
+        assert demo["text"][f["start"]:f["end"]] in f["text"] or f["kind"] == "relation"
     header = next(line for line in md.splitlines() if line.startswith("| metric"))
     assert header.split("|")[3:7] == [" zero-shot ", " CM ", " CM+SA ", " CM+SA+DE "]  # zero-shot, then one column per stage
     for ds in ("DemoNER", "DemoRE", "DemoEE"):

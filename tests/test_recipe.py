@@ -311,3 +311,30 @@ def test_a_token_cap_below_gold_answers_is_named_with_the_figures():
     assert f"Raise it to at least {max(longest.values())}" in message
     n_ee = sum(1 for r in recs if r.dataset == "DemoEE" and len(answer_ids(tok, render_target(r, "full"))) > cap)
     assert f"EE/DemoEE: {n_ee} of " in message
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_model_trains_in_train_mode_so_gradient_checkpointing_runs(checkpointing):
+    """``from_pretrained`` leaves the base in eval mode, and transformers skips gradient checkpointing in layers
+    that are not training: the module puts the whole model in train mode, so the option does what it says
+    (each decoder layer runs again in the backward pass) and Lightning finds no module in eval mode."""
+    from prouie_pl.modeling import BaseModelSettings, LoRASettings
+    from prouie_pl.sft import SFTModule
+
+    module = SFTModule(base=BaseModelSettings("tiny", gradient_checkpointing=checkpointing),
+                       lora=LoRASettings(r=4, alpha=8, dropout=0.0))
+    module.configure_model()
+    assert [n for n, m in module.model.named_modules() if not m.training] == []
+    layers = module.model.get_base_model().model.layers
+    calls = []
+    # transformers checkpoints a layer's ``forward`` (a hook on the layer sees one call) and torch stops the
+    # recomputation once the last saved tensor is back (a forward hook on the last module never fires): count
+    # the calls that enter the attention block, the layer's first
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in layers]
+    try:
+        ids = torch.randint(3, 100, (2, 12))
+        module.model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == len(layers) * (2 if checkpointing else 1)

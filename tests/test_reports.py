@@ -46,9 +46,9 @@ def test_f1_and_cost_tables_come_from_the_results():
     assert len(rows) == 5 + 5 + 1  # one data set per metric, five averages, the overall row
 
     headers, rows = cost_table(results, _infos())
-    assert headers[6:10] == ["cumulative s", "overall F1", "parse failures", "blank answers"]
-    assert rows[0] == ["zero-shot", 0.0, 0, 0, 0, 5.0, 30.0, 63.49, 5, 2, 3]
-    assert rows[1] == ["CM", 110.0, 12, 3456, 0, 6.5, 150.0, 100.0, 0, 0, 1]
+    assert headers[6:11] == ["cumulative s", "overall F1", "parse failures", "hit the token cap", "blank answers"]
+    assert rows[0] == ["zero-shot", 0.0, 0, 0, 0, 5.0, 30.0, 63.49, 5, 1, 2, 3]
+    assert rows[1] == ["CM", 110.0, 12, 3456, 0, 6.5, 150.0, 100.0, 0, 0, 0, 1]
 
 
 def test_each_plot_draws_what_it_is_given_or_nothing(tmp_path):
@@ -84,6 +84,22 @@ def test_make_plots_and_report_md_for_a_pipeline_folder(tmp_path):
     lines = md.splitlines()
     assert "| NER | A | 57.14 | 100.00 |" in lines
     assert "| overall | mean of task scores | 63.49 | 100.00 |" in lines
-    assert "| zero-shot | 0.0 | 0 | 0 | 0 | 5.0 | 30.0 | 63.5 | 5 | 2 | 3 |" in lines
-    assert "| CM | 110.0 | 12 | 3,456 | 0 | 6.5 | 150.0 | 100.0 | 0 | 0 | 1 |" in lines
+    assert "| zero-shot | 0.0 | 0 | 0 | 0 | 5.0 | 30.0 | 63.5 | 5 | 1 | 2 | 3 |" in lines
+    assert "| CM | 110.0 | 12 | 3,456 | 0 | 6.5 | 150.0 | 100.0 | 0 | 0 | 0 | 1 |" in lines
     assert lines[-3:] == ["![f1_by_stage](f1_by_stage.png)", "![training_loss](training_loss.png)", "![f1_vs_compute](f1_vs_compute.png)"]
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_pair_the_stages():
+    from prouie_pl.intervals import OVERALL, per_sentence_counts, stage_intervals
+
+    recs = [rec for rec, _, _ in ROWS]
+    zero = per_sentence_counts(recs, [out for _, out, _ in ROWS])
+    perfect = per_sentence_counts(recs, [render_target(r, "concise") for r in recs])
+    results = _results()
+    ci = stage_intervals({"zero_shot": zero, "cm": perfect, "again": perfect}, n_boot=300)
+    lo, hi = ci["arms"]["zero_shot"][OVERALL]
+    assert lo <= results["zero_shot"].overall_f1 <= hi and hi - lo > 1.0  # imperfect answers: a real spread
+    assert ci["arms"]["cm"][OVERALL] == (100.0, 100.0)
+    d_lo, d_hi = ci["differences"][("cm", "zero_shot")][OVERALL]
+    assert d_lo > 0 and d_hi <= 100.0 - lo + 1e-9  # perfect beats the flawed answers on every resample
+    assert ci["differences"][("again", "cm")][OVERALL] == (0.0, 0.0)  # paired: the same draws for every arm

@@ -1,0 +1,53 @@
+"""A quiet console for the command line: third-party messages a user cannot act on are dropped at the source.
+
+Each filter names one message, so everything else (errors above all) still gets through:
+
+* bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch an optional 4-bit kernel from the Hugging
+  Face hub and logs a warning when it cannot (offline, or the publisher check fails); it then uses its own CPU
+  kernels.  The ``kernels`` package logs the failed hub lookup as well.
+* Lightning prints an advertisement for its cloud model registry whenever a checkpoint callback is set up.
+* transformers warns (``FutureWarning``) that ``is_gradient_checkpointing`` is deprecated when PEFT reads it
+  while wrapping the model; Lightning's own pytree helper warns that ``LeafSpec`` checks are deprecated.  Both
+  come from those libraries' code, not from anything a config can change.
+
+Library users (``import prouie_pl``) keep their logging and warnings untouched: only the command line calls
+:func:`quiet_third_party`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a record that cannot be formatted is not ours to judge
+            return True
+        return not any(text.startswith(s) or s in text for s in self.starts)
+
+
+_INSTALLED = False
+
+
+def quiet_third_party() -> None:
+    """Install the targeted filters (once per process)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
+    hub_kernel = _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(hub_kernel)
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        _DropMessages("Skipping publisher trust check for 'kernels-community/", "kernels-community/quantization-bitsandbytes"))
+    tip = _DropMessages("💡 Tip: For seamless cloud uploads and versioning")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(tip)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
