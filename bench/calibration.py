@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     ap.add_argument("--keep-recall", type=float, default=0.85, help="dev recall share a chosen threshold must keep")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", action="store_true", help="write the fitted calibration to ADAPTER/confidence.json")
+    ap.add_argument("--show", type=int, default=3, help="print this many test answers token by token (id, piece, probability)")
     ap.add_argument("--out", default=None, help="default bench/results/calibration_gemma-3-270m.md")
     args = ap.parse_args(argv)
 
@@ -138,6 +140,14 @@ def main(argv=None) -> None:
         seconds[split + "_scoring"] = (time.perf_counter() - t0) / len(methods)
         print(f"[calibration] {split}: {len(records)} sentences decoded in {dt:.0f} s", flush=True)
 
+    shown = []
+    for k in [i * len(splits["test"]) // max(1, args.show) for i in range(args.show)]:
+        rec, out = splits["test"][k], decoded["test"]
+        pieces = [f"{t}:{tok.convert_ids_to_tokens(t)!r}:{math.exp(lp):.3f}" for t, lp in zip(out.token_ids[k], out.token_logprobs[k])]
+        units = rows["test"][k][1]
+        shown.append(f"{rec.task}/{rec.dataset} #{rec.index}: {rec.sentence}\n  answer: {out.texts[k]}\n  tokens: {' '.join(pieces)}\n"
+                     f"  unit scores ({methods[0]}): {[round(sc[methods[0]], 3) for _, sc in units]}; correct: {[ok for ok, _ in units]}")
+    print("\n".join(shown), flush=True)
     tasks = sorted({rec.task for rec, _ in rows["dev"]})
     lines = [f"`python bench/calibration.py --adapter {args.adapter} --dev {args.dev} --test {args.test}` on "
              f"{time.strftime('%Y-%m-%d')}, torch threads {args.threads}. Data: {', '.join(DATASETS)} from `{args.data}`: "
@@ -229,6 +239,7 @@ def main(argv=None) -> None:
               markdown_table(["decoding without log-probs s", "with log-probs s", "ratio", "scoring the answers s",
                               "(with + scoring) / without"],
                              [[f"{p_med:.2f}", f"{l_med:.2f}", f"{l_med / p_med:.3f}", f"{score_s:.3f}", f"{(l_med + score_s) / p_med:.3f}"]])]
+    lines += ["", "## Answers token by token (id:piece:probability)", "", "```", *shown, "```"]
     lines += ["", f"This invocation took {(time.perf_counter() - t_start) / 60:.1f} min."]
 
     result = {"rule": best, "temperatures": temps, "thresholds": chosen, "tasks": tasks}

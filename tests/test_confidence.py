@@ -15,27 +15,8 @@ from prouie_pl.parser import parse_output
 from prouie_pl.results import EvalResult
 from prouie_pl.rewards import completion_token_ends
 from prouie_pl.schema import Entity, LabelSchema, Record
-from training_helpers import single_thread, tiny_gemma3
-
-PAD = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return tiny_gemma3(PAD).eval()
+# the decoding tests' models and their one-thread setting (pytest fixtures, imported to be found here)
+from test_decoding import PAD, gemma, llama, one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +80,6 @@ def test_decoded_token_logprobs_equal_a_separate_forward_pass(request, name, eng
 def test_constrained_logprobs_are_under_the_constrained_distribution(llama):
     prompts = prompts_for(llama.config.vocab_size, [7, 10], seed=5)
     allowed = [5, 17, 40, 1]
-    from transformers import LogitsProcessorList
-
     c = decode_prompts(llama, prompts, batch_size=2, max_new_tokens=6, stop_ids=[1], pad_id=PAD,
                        processor_for=lambda idx, width: KeepFew(allowed), with_logprobs=True)
     for i, p in enumerate(prompts):
@@ -112,7 +91,6 @@ def test_constrained_logprobs_are_under_the_constrained_distribution(llama):
         # and not the unconstrained ones: those are spread over the whole vocabulary, far lower
         free = forward_logprobs(llama, p, toks)
         assert sum(free) < sum(want) - 1.0
-    assert LogitsProcessorList  # imported for the processor list the factory is wrapped in
 
 
 def test_without_the_flag_completions_carry_no_logprobs(llama):
