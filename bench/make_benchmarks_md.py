@@ -72,6 +72,11 @@ Strict test F1 per data set after each stage of one CM -> SA -> DE chain, and of
 the chain's training seconds, on the 2-core CPU: paired bootstrap intervals of what each stage adds (CM+SA - CM,
 CM+SA+DE - CM+SA) and of the chain against mixed SFT, parse failures and empty answers per arm, CM's dev curve, and
 what each stage cost (seconds, steps, tokens, GRPO completions). The script's docstring gives the design."""),
+    ("calibration_gemma-3-270m", "Unit scores: calibration, threshold and cost (Gemma 3 270M)",
+     "python bench/calibration.py --adapter ADAPTER", """How well each extracted unit's score tracks whether it is right, on CoNLL2003, CoNLL2004 and PHEE dev and test
+sentences decoded by one SFT adapter: reliability tables and expected calibration error per task (three scoring
+rules, raw and after a per-task temperature fitted on dev), the threshold chosen on dev and what it does to test
+precision and recall, and what recording the token probabilities costs against plain decoding."""),
 ]
 
 

@@ -158,7 +158,7 @@ def _add_selection(p) -> None:
 
 
 def add_pipeline_arguments(p) -> None:
-    """The pipeline's options; a pipeline YAML (``--config``) holds the first seven."""
+    """The pipeline's options; a pipeline YAML (``--config``) holds the first eight."""
     from .pipeline import STAGES, ZERO_SHOT
 
     p.add_argument("--stages", type=dict[str, str], default={}, help=f"stage ({', '.join(STAGES)}) -> fit config, relative to the pipeline YAML or the working folder")
@@ -167,6 +167,7 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--adapter", type=str, default="best", choices=("best", "last"), help="adapter a stage hands on: best by val/f1, or the last one")
     p.add_argument("--zero_shot", type=bool, default=False, help="score the base model before any training (prompts of the first stage)")
     p.add_argument("--test_dtype", type=str, default="same", choices=("same", "float32"), help="decode the test split with the frozen base as it is, or cast to float32")
+    p.add_argument("--expected_seconds", type=dict[str, float], default={}, help="seconds each stage took on a reference machine (the progress line's estimate of the time left)")
     p.add_argument("--extract_demo", type=Optional[str], default=None, help="end with the final adapter run by extract on a paragraph: a YAML with text and schema, or demo (the shipped one)")
     p.add_argument("--out_dir", type=str, default="outputs/pipeline", help="output folder (one sub-folder per stage)")
     p.add_argument("--restart_from", type=Optional[str], default=None, choices=STAGES, help="delete this stage and the later ones, then run them again")
@@ -180,7 +181,7 @@ def pipeline_settings(args) -> dict:
     files = args.get("config") or []
     where = str(files[-1]) if files else "the pipeline options"
     base = Path(str(files[-1])).parent if files else Path.cwd()
-    cfg = {k: args.get(k) for k in ("stages", "overrides", "stage_overrides", "adapter", "zero_shot", "test_dtype", "extract_demo")}
+    cfg = {k: args.get(k) for k in ("stages", "overrides", "stage_overrides", "adapter", "zero_shot", "test_dtype", "extract_demo", "expected_seconds")}
     return check_pipeline_config(cfg, where, base)
 
 

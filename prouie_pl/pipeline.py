@@ -28,6 +28,8 @@ The pipeline YAML::
                             # float32 (a bf16 base trains faster on some CPUs but decodes slower there)
     extract_demo: demo      # optional: run the final adapter with ``extract`` on a paragraph (a YAML file
                             # with ``text`` and ``schema``; ``demo``: the shipped one) and end the report with it
+    expected_seconds:       # optional: what each stage took on a reference machine; the progress line scales
+      cm: 225               # them by this machine's pace so far to estimate the time left for the whole run
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def check_pipeline_config(cfg: dict, where: str, base: Path) -> dict:
     bad = sorted(set(cfg.get("stage_overrides") or {}) - set(STAGES) - {ZERO_SHOT})
     if bad:
         raise ValueError(f"{where}: stage_overrides for unknown stages {bad} (stages: {', '.join(STAGES)}, {ZERO_SHOT})")
+    bad = sorted(set(cfg.get("expected_seconds") or {}) - set(STAGES) - {ZERO_SHOT})
+    if bad:
+        raise ValueError(f"{where}: expected_seconds for unknown stages {bad} (stages: {', '.join(STAGES)}, {ZERO_SHOT})")
     out = dict(cfg)
     out["stages"] = {s: _resolve(stages[s], base) for s in STAGES if s in stages}
     out["overrides"] = dict(cfg.get("overrides") or {})
@@ -167,7 +172,7 @@ def _finish(stage_dir: Path, records, info: dict, result: "EvalResult", t0: floa
     return info, result
 
 
-def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype: str) -> tuple[dict, "EvalResult"]:
+def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype: str, progress=None) -> tuple[dict, "EvalResult"]:
     """The base model before any training (a fresh LoRA adapter is the identity), same prompts as ``config_path``.
 
     Returns what ``stage.json`` holds and the test result."""
@@ -178,6 +183,8 @@ def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype
     args = ["--config", config_path, "--trainer.default_root_dir", str(stage_dir)] + _override_args(overrides)
     args += ["--model.init_args.lora.init_adapter", "null"]
     cli = build_cli(args, run=False)
+    if progress is not None:
+        cli.trainer.callbacks.append(progress)
     info = {"stage": ZERO_SHOT, "config": config_path, "overrides": overrides, "init_adapter": None,
             "cost": StageCost().summary()}  # nothing trained
     info["test_seconds"], result = _test_decode(cli, test_dtype)
@@ -185,7 +192,7 @@ def run_zero_shot(config_path: str, stage_dir: Path, overrides: dict, test_dtype
 
 
 def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optional[str], overrides: dict, choose: str,
-              test_dtype: str = "same") -> tuple[dict, "EvalResult"]:
+              test_dtype: str = "same", progress=None) -> tuple[dict, "EvalResult"]:
     """Fit one stage (resuming if a checkpoint is there), pick its adapter, decode and score the test split.
 
     Returns what ``stage.json`` holds and the test result."""
@@ -197,6 +204,8 @@ def run_stage(stage: str, config_path: str, stage_dir: Path, init_adapter: Optio
     if init_adapter:
         args += ["--model.init_args.lora.init_adapter", init_adapter]
     cli = build_cli(args, run=False)
+    if progress is not None:  # the pipeline's one line per stage (StageProgress)
+        cli.trainer.callbacks.append(progress)
     cost = next((c for c in cli.trainer.callbacks if isinstance(c, StageCost)), None)
     if cost is None:
         cost = StageCost()
@@ -273,6 +282,28 @@ def run_pipeline(config: Union[str, dict], out_dir: str, restart_from: Optional[
         for s in stages[stages.index(restart_from):]:
             shutil.rmtree(out / s, ignore_errors=True)
     infos, results = {}, {}
+    from .callbacks import StageProgress
+    from .reports import STAGE_NAMES
+
+    order = ([ZERO_SHOT] if cfg["zero_shot"] else []) + stages
+    expected = {k: float(v) for k, v in (cfg.get("expected_seconds") or {}).items()}
+    run_start = time.perf_counter()
+
+    def progress(stage: str) -> StageProgress:
+        k = order.index(stage)
+
+        def later() -> Optional[float]:
+            rest = order[k + 1:]
+            if not rest:
+                return 0.0
+            if any(s not in expected for s in rest):
+                return None
+            done = [s for s in order[:k] if s in expected and s in infos]
+            pace = sum(float(infos[s].get("seconds", 0.0)) for s in done) / sum(expected[s] for s in done) if done else 1.0
+            return pace * sum(expected[s] for s in rest)
+
+        return StageProgress(STAGE_NAMES.get(stage, stage), (k + 1, len(order)), run_start, later)
+
     if cfg["zero_shot"]:
         done = out / ZERO_SHOT / DONE
         if done.is_file():
@@ -282,7 +313,8 @@ def run_pipeline(config: Union[str, dict], out_dir: str, restart_from: Optional[
             print(f"[prouie] pipeline: scoring the base model zero-shot in {out / ZERO_SHOT}")
             own = cfg["stage_overrides"].get(ZERO_SHOT, cfg["stage_overrides"].get(stages[0], {}))
             overrides = {**cfg["overrides"], **(extra or {}), **own}
-            infos[ZERO_SHOT], results[ZERO_SHOT] = run_zero_shot(cfg["stages"][stages[0]], out / ZERO_SHOT, overrides, cfg["test_dtype"])
+            infos[ZERO_SHOT], results[ZERO_SHOT] = run_zero_shot(cfg["stages"][stages[0]], out / ZERO_SHOT, overrides, cfg["test_dtype"],
+                                                                 progress(ZERO_SHOT))
     prev_adapter: Optional[str] = None
     for s in stages:
         stage_dir = out / s
@@ -293,7 +325,8 @@ def run_pipeline(config: Union[str, dict], out_dir: str, restart_from: Optional[
         else:
             overrides = {**cfg["overrides"], **(extra or {}), **cfg["stage_overrides"].get(s, {})}
             print(f"[prouie] pipeline: running {s} in {stage_dir}" + (f" from {prev_adapter}" if prev_adapter else ""))
-            infos[s], results[s] = run_stage(s, cfg["stages"][s], stage_dir, prev_adapter, overrides, cfg["adapter"], cfg["test_dtype"])
+            infos[s], results[s] = run_stage(s, cfg["stages"][s], stage_dir, prev_adapter, overrides, cfg["adapter"], cfg["test_dtype"],
+                                             progress(s))
         prev_adapter = infos[s]["adapter"]
     extraction = None
     if cfg.get("extract_demo"):

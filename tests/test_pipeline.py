@@ -37,6 +37,7 @@ def _pipeline_config(tmp_path: Path, model_dir: Path) -> Path:
         "zero_shot": True,
         "test_dtype": "float32",
         "extract_demo": "demo",
+        "expected_seconds": {"zero_shot": 1.0, "cm": 2.0, "sa": 2.0, "de": 3.0},
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -66,6 +67,14 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
     out = tmp_path / "out"
     seen = _spy_on_reports(monkeypatch)
     assert main(["pipeline", "--config", str(cfg), "--out_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # one progress line per stage (a log, not a terminal: printed at the end of each stage and of its test decode),
+    # with the time left for the run estimated from expected_seconds scaled by this machine's pace
+    for k, name in enumerate(("CM", "CM+SA", "CM+SA+DE"), start=2):
+        assert re.search(rf"\[prouie\] stage {k}/4 {re.escape(name)}: step \d+(/\d+)?, ", printed), name
+        assert f"[prouie] stage {k}/4 {name}: decoding the test split, batch" in printed
+    assert re.search(r"\[prouie\] stage 2/4 CM: step \d+/\d+, .*~\d+:\d\d left in the run", printed)
+    assert "[prouie] stage 1/4 zero-shot: decoding the test split" in printed
 
     # the reports got the evaluator's results in memory; the files written for people say the same
     results = seen[0]
