@@ -221,7 +221,7 @@ def score_tables(args, arms: dict, diffs: dict, n_gold_empty: int) -> str:
         markdown_table(["comparison"] + names, diff_rows)])
 
 
-def cost_tables(stages: dict, curve: list) -> str:
+def cost_tables(stages: dict, curve: list, mixed_budget: Optional[float] = None) -> str:
     rows = []
     for s in STAGES:
         if s.name not in stages:
@@ -238,7 +238,9 @@ def cost_tables(stages: dict, curve: list) -> str:
         "## Cost", "",
         markdown_table(["arm (stage)", "stage", "steps", "trained s", "dev-check s", "s a step", "SFT tokens", "GRPO completions",
                         "test-decoding s"], rows), "",
-        f"CM + SA + DE trained {chain:.0f} s (dev checks excluded); mixed SFT gets that as its `max_time`.", "",
+        f"CM + SA + DE trained {chain:.0f} s (dev checks excluded); mixed SFT gets "
+        + (f"{mixed_budget:.0f} s as its `max_time` (`--mixed-seconds`: see the notes for how it was estimated)."
+           if mixed_budget else "that as its `max_time`."), "",
         f"CM's dev F1 (overall, on the dev sample; steps as logged): {curve_text}."])
 
 
@@ -272,6 +274,9 @@ def parse_args(argv: list[str]):
     ap.add_argument("--work-dir", default=None, help="default outputs/stage_ablation/<model>[-quick]")
     ap.add_argument("--out", default=None, help="default bench/results/stage_ablation_<model>.md (the work folder with --quick)")
     ap.add_argument("--fresh", action="store_true", help="clear the work folder first")
+    ap.add_argument("--mixed-seconds", type=float, default=None,
+                    help="mixed SFT's max_time instead of the chain's trained seconds (when the chain ran beside other "
+                         "jobs: give the seconds it would have taken alone, and say how they were estimated)")
     args = ap.parse_args(argv)
     for k, vals in PRESETS.items():
         if getattr(args, k) is None:
@@ -290,7 +295,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0, name = time.perf_counter(), f"stage_ablation_{Path(args.model).name}"
     work = Path(args.work_dir or REPO / "outputs" / "stage_ablation" / (args.model + "-quick" * args.quick)).resolve()
     out = Path(args.out) if args.out else (work if args.quick else RESULTS) / f"{name}.md"
-    settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "threads", "bootstrap", "work_dir", "out", "fresh")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("seeds", "threads", "bootstrap", "work_dir", "out", "fresh", "mixed_seconds")}
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     stamp, args.data_dir, args.n_tasks = work / "settings.json", work / "data", len({d.split("/")[0] for d in args.datasets})
@@ -304,7 +310,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.root = work / f"seed{seed}"
     stages, arms = {}, {}
     for s in STAGES:
-        mixed = sum(trained_seconds(stages[x.name]) for x in STAGES[:3]) if s.kind == "mixed" else None
+        mixed = None
+        if s.kind == "mixed":
+            mixed = args.mixed_seconds or sum(trained_seconds(stages[x.name]) for x in STAGES[:3])
         stages[s.name] = train_stage(s, args, seed, mixed)
         folder = args.root / s.name
         arms[s.arm] = {"report": json.loads((folder / "report.json").read_text()), "shapes": answer_shapes(folder),
@@ -321,7 +329,7 @@ def write_report(args, argv, out: Path, stages: dict, arms: dict, n_gold_empty: 
         if a in arms and ref in arms:
             diffs[(a, ref)] = paired_differences({ref: [arms[ref]["counts"]], a: [arms[a]["counts"]]}, ref, args.bootstrap)[a]
     curve = dev_curve(args.root / "cm")
-    body = "\n\n".join([setup_text(args, argv, total_s), score_tables(args, arms, diffs, n_gold_empty), cost_tables(stages, curve)])
+    body = "\n\n".join([setup_text(args, argv, total_s), score_tables(args, arms, diffs, n_gold_empty), cost_tables(stages, curve, args.mixed_seconds)])
     write_result(out.name, f"Stage ablation ({args.model}, CPU)", body, str(out), keep_notes=True)
     raw = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "stages": stages, "cm_dev_curve": curve, "gold_empty_test_sentences": n_gold_empty,

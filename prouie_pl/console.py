@@ -5,7 +5,8 @@ Each filter names one message, so everything else (errors above all) still gets 
 * bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch an optional 4-bit kernel from the Hugging
   Face hub and logs a warning when it cannot (offline, or the publisher check fails); it then uses its own CPU
   kernels.  The ``kernels`` package logs the failed hub lookup as well.
-* Lightning prints an advertisement for its cloud model registry whenever a checkpoint callback is set up.
+* Lightning prints advertisements for its cloud services: the model registry when a checkpoint callback is set
+  up, the experiment platform when the default logger is.
 * transformers warns (``FutureWarning``) that ``is_gradient_checkpointing`` is deprecated when PEFT reads it
   while wrapping the model; Lightning's own pytree helper warns that ``LeafSpec`` checks are deprecated.  Both
   come from those libraries' code, not from anything a config can change.
@@ -46,7 +47,7 @@ def quiet_third_party() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(hub_kernel)
     logging.getLogger("kernels._internals.hf_hub").addFilter(
         _DropMessages("Skipping publisher trust check for 'kernels-community/", "kernels-community/quantization-bitsandbytes"))
-    tip = _DropMessages("💡 Tip: For seamless cloud uploads and versioning")
+    tip = _DropMessages("💡 Tip: For seamless cloud uploads and versioning", "💡 Tip: For seamless cloud logging and experiment tracking")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(tip)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -23,6 +23,8 @@ def test_only_the_named_third_party_messages_are_dropped():
     assert bnb.filter(record(bnb.name, "CUDA error: out of memory", logging.ERROR))
     rz = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     assert not rz.filter(record(rz.name, "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]", logging.INFO))
+    assert not rz.filter(record(rz.name, "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+                                logging.INFO))
     assert rz.filter(record(rz.name, "GPU available: False, used: False", logging.INFO))
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
