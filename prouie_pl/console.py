@@ -38,8 +38,11 @@ _INSTALLED = False
 
 
 def quiet_third_party() -> None:
-    """Install the targeted filters (once per process)."""
+    """Install the targeted filters: the logging ones once per process, the warning filters on every call
+    (``warnings.catch_warnings`` blocks, pytest's among them, restore the filter list when they end)."""
     global _INSTALLED
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if _INSTALLED:
         return
     _INSTALLED = True
@@ -50,5 +53,3 @@ def quiet_third_party() -> None:
     tip = _DropMessages("💡 Tip: For seamless cloud uploads and versioning", "💡 Tip: For seamless cloud logging and experiment tracking")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(tip)
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -27,6 +27,7 @@ def test_only_the_named_third_party_messages_are_dropped():
                                 logging.INFO))
     assert rz.filter(record(rz.name, "GPU available: False, used: False", logging.INFO))
     with warnings.catch_warnings(record=True) as seen:
+        quiet_third_party()  # as the command line does, inside whatever filter state the caller has
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning)
         warnings.warn("something else is deprecated", FutureWarning)
