@@ -10,6 +10,10 @@ Each filter names one message, so everything else (errors above all) still gets 
 * transformers warns (``FutureWarning``) that ``is_gradient_checkpointing`` is deprecated when PEFT reads it
   while wrapping the model; Lightning's own pytree helper warns that ``LeafSpec`` checks are deprecated.  Both
   come from those libraries' code, not from anything a config can change.
+* Lightning warns that ``tensorboardX`` is no longer one of its dependencies whenever the default logger is
+  set up; the project logs to CSV on purpose, so there is nothing to install.
+* transformers draws a "Loading weights" progress bar for a checkpoint that loads in a second; the command
+  line prints its own progress per stage.
 
 Library users (``import prouie_pl``) keep their logging and warnings untouched: only the command line calls
 :func:`quiet_third_party`.
@@ -43,9 +47,16 @@ def quiet_third_party() -> None:
     global _INSTALLED
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed as a dependency")
     if _INSTALLED:
         return
     _INSTALLED = True
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers missing: the command that needs it says so itself
+        pass
     hub_kernel = _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community")
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(hub_kernel)
     logging.getLogger("kernels._internals.hf_hub").addFilter(

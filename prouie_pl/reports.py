@@ -72,15 +72,18 @@ def f1_table(results: dict[str, EvalResult]) -> tuple[list[str], list[list]]:
 
 
 def cost_table(results: dict[str, EvalResult], infos: dict[str, dict]) -> tuple[list[str], list[list]]:
-    """One row per stage: what it cost (training), what decoding the test split took, and its answers."""
+    """One row per stage: what it cost (training), what decoding the test split took, the process's peak resident
+    memory by the stage's end (the high-water mark so far, so a stage that needs less than an earlier one shows
+    the earlier figure), and its answers."""
     headers = ["stage", "train s", "optimizer steps", "training tokens", "GRPO completions", "test decode s",
-               "cumulative s", "overall F1", "parse failures", "hit the token cap", "blank answers", "answers without structures"]
+               "cumulative s", "peak RSS MB", "overall F1", "parse failures", "hit the token cap", "blank answers", "answers without structures"]
     rows = []
     for s, total in zip(results, cumulative_seconds(results, infos)):
         info = infos.get(s, {})
         cost = info.get("cost", {})
         rows.append([STAGE_NAMES.get(s, s), cost.get("seconds", 0.0), cost.get("steps", 0), cost.get("tokens", 0),
-                     cost.get("completions", 0), info.get("test_seconds", 0.0), total, overall(results[s]),
+                     cost.get("completions", 0), info.get("test_seconds", 0.0), total,
+                     info.get("peak_rss_mb") or "-", overall(results[s]),
                      results[s].parse_failures, results[s].truncated, info.get("blank_answers", 0),
                      info.get("answers_without_structures", 0)])
     return headers, rows

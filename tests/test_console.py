@@ -30,8 +30,12 @@ def test_only_the_named_third_party_messages_are_dropped():
         quiet_third_party()  # as the command line does, inside whatever filter state the caller has
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning)
+        warnings.warn("Starting from v1.9.0, `tensorboardX` has been removed as a dependency of the `lightning.pytorch` package")
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
+    from transformers.utils import logging as hf_logging
+
+    assert not hf_logging.is_progress_bar_enabled()
 
 
 def test_fit_finds_no_module_in_eval_mode(tmp_path):

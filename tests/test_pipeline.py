@@ -85,6 +85,7 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
         assert [p.to_json() for p in result.predictions] == [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
         info = json.loads((d / "stage.json").read_text())
         assert info["test_overall_f1"] == result.overall_f1 and info["answers"] == len(result.predictions) == result.n == 9
+        assert info["peak_rss_mb"] > 50  # this process's high-water mark: a model, a tokenizer and torch at least
         assert EvalResult.load(d) == result
 
     for stage in ("cm", "sa", "de"):
