@@ -74,6 +74,9 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
         assert re.search(rf"\[prouie\] stage {k}/4 {re.escape(name)}: step \d+(/\d+)?, ", printed), name
         assert f"[prouie] stage {k}/4 {name}: decoding the test split, batch" in printed
     assert re.search(r"\[prouie\] stage 2/4 CM: step \d+/\d+, .*~\d+:\d\d left in the run", printed)
+    assert re.search(r"\[prouie\] stage 2/4 CM: decoding the test split, batch \d+/\d+, .*~\d+:\d\d left in the run", printed)
+    steps = [line.split(", ")[0] for line in printed.splitlines() if re.match(r"\[prouie\] stage \d/4 .*: step ", line)]
+    assert len(steps) == len(set(steps))  # no step's line twice (the stage's end does not repeat the last one)
     assert "[prouie] stage 1/4 zero-shot: decoding the test split" in printed
 
     # the reports got the evaluator's results in memory; the files written for people say the same
