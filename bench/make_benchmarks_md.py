@@ -77,6 +77,10 @@ what each stage cost (seconds, steps, tokens, GRPO completions). The script's do
 sentences decoded by one SFT adapter: reliability tables and expected calibration error per task (three scoring
 rules, raw and after a per-task temperature fitted on dev), the threshold chosen on dev and what it does to test
 precision and recall, and what recording the token probabilities costs against plain decoding."""),
+    ("memory_gemma-3-270m", "Where the resident memory goes (Gemma 3 270M)",
+     "python bench/memory.py --model gemma-3-270m --data_dir demo_real --max_new_tokens 240 --micro_batch 8", """\
+Resident memory at the start, peak and end of each phase a pipeline stage goes through on the 2-core CPU: loading,
+SFT micro-batches of 4, casting the base to float32, test decoding of 32 prompts, a GRPO rollout and policy pass."""),
 ]
 
 

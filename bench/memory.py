@@ -8,25 +8,25 @@ pipeline runs them:
 1. ``import``: torch, transformers, peft, Lightning and the package;
 2. ``load``: tokenizer and model (frozen base in ``--dtype``, the CPU configs' ``auto``: bf16 with AVX512-BF16);
 3. ``sft step`` (x ``--sft_steps``): forward + backward of ``answer_nll`` (or the shared head) on a batch of
-   ``--sft_batch`` full-format CM examples, then an AdamW step (its state is created in the first);
+   ``--sft_batch`` full-format CM examples, then an AdamW step (its state is created in the first), then the
+   heap trimmed as the training modules do on a CPU (``--no_trim``: not);
 4. ``release training``: gradients and optimizer dropped, ``gc`` and ``malloc_trim`` (what the pipeline does
    between stages);
 5. ``cast float32``: the frozen base cast to float32 for test decoding (the pipeline's ``test_dtype``);
 6. ``decode``: greedy decoding of ``--decode`` test prompts in batches of ``--decode_batch``, at most
    ``--max_new_tokens`` new tokens (the test split's decoding);
-7. ``grpo rollout`` and ``grpo policy pass``: ``--prompts`` x ``--generations`` sampled completions and one
+7. ``grpo rollout`` and ``grpo policy pass`` (``--micro_batch`` completions per forward/backward): ``--prompts`` x ``--generations`` sampled completions and one
    forward + backward of the policy over them (DE's step, without the optimizer).
 
-    python bench/memory.py --model gemma-3-270m --data_dir ../shared/data/uie
+    python bench/memory.py --model gemma-3-270m --data_dir demo_real --max_new_tokens 240 --micro_batch 8
+    PROUIE_CACHE=$(mktemp -d) python bench/memory.py ...   # "load" then includes converting the model
     python bench/memory.py --quick --out /tmp/memory.md      # tiny model, smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import sys
 import threading
 import time
 
@@ -36,12 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from _common import machine_line, markdown_table, model_defaults, write_result  # noqa: E402
 
 REAL_DATASETS = ["CoNLL2003", "CoNLL2004", "PHEE"]
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 2 ** 20
+from prouie_pl.memory import rss_mb, trim_heap  # noqa: E402
 
 
 class Phases:
@@ -74,11 +69,7 @@ class Phases:
 
 
 def release() -> None:
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap(collect=True)
 
 
 def main(argv=None) -> None:
@@ -87,7 +78,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--datasets", nargs="+", default=None)
-    ap.add_argument("--sft_batch", type=int, default=8)
+    ap.add_argument("--sft_batch", type=int, default=4, help="SFT micro-batch (the CPU configs: 4, two per step)")
     ap.add_argument("--sft_steps", type=int, default=3)
     ap.add_argument("--shared_head", action="store_true", help="SFT steps with the shared prompt head")
     ap.add_argument("--decode", type=int, default=32, help="test prompts decoded")
@@ -96,8 +87,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--rollout_tokens", type=int, default=96)
+    ap.add_argument("--micro_batch", type=int, default=None, help="GRPO completions per forward/backward (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no_trim", action="store_true", help="keep the freed heap pages after each SFT step")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -158,6 +151,8 @@ def main(argv=None) -> None:
         (nll / max(n, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not args.no_trim:  # what UIEModule.on_train_batch_end does on a CPU
+            trim_heap()
         shapes.append(tuple(batch["input_ids"].shape))
 
     for k, batch in enumerate(batches):
@@ -199,9 +194,10 @@ def main(argv=None) -> None:
         return Trajectory.from_rollout(r, [], adv, args.generations)
 
     traj = phases.run(f"grpo rollout ({args.prompts} x {args.generations})", rollout)
-    module = GRPOModule(rollout=RolloutSettings(num_generations=args.generations), beta=0.0, skip_zero_advantage=False)
+    module = GRPOModule(rollout=RolloutSettings(num_generations=args.generations), beta=0.0, skip_zero_advantage=False,
+                        micro_batch_size=args.micro_batch)
     module.model = model
-    phases.run("grpo policy pass", module.accumulate_policy_gradients, traj)
+    phases.run(f"grpo policy pass (micro-batch {args.micro_batch or 'all'})", module.accumulate_policy_gradients, traj)
     phases.close()
 
     rows = [[r["phase"], f"{r['start']:.0f}", f"{r['peak']:.0f}", f"{r['peak'] - r['start']:+.0f}", f"{r['end']:.0f}",
@@ -210,7 +206,7 @@ def main(argv=None) -> None:
     params = sum(p.numel() for p in model.parameters())
     body = (f"Model {args.model} ({params / 1e6:.0f}M parameters with the adapter), base dtype {args.dtype or 'auto'} for "
             f"training, float32 for decoding and DE; {machine_line()}; torch threads {args.threads or 'default'}; SFT "
-            f"{'shared head' if args.shared_head else 'per row'}, batch {args.sft_batch}; data {args.data_dir or 'tiny demo'}.\n\n"
+            f"{'shared head' if args.shared_head else 'per row'}, batch {args.sft_batch}, heap {'kept' if args.no_trim else 'trimmed'} after each step; data {args.data_dir or 'tiny demo'}.\n\n"
             f"{table}\n\nPeak over the whole run: {max(r['peak'] for r in phases.rows):.0f} MB.\n")
     print(body)
     name = f"memory_{args.model}.md" if args.model != "tiny" else "memory.md"

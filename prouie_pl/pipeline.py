@@ -37,10 +37,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
+
+from .memory import peak_rss_mb, trim_heap
 
 
 STAGES = ("cm", "sa", "de")
@@ -164,30 +165,11 @@ def sentence_counts(result: "EvalResult", records) -> dict:
     return counts_to_json(per_sentence_counts([r for r, _ in pairs], [o for _, o in pairs]))
 
 
-def peak_rss_mb() -> Optional[int]:
-    """The process's peak resident memory so far, in MB (None where the platform does not say)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kb / 1024) if sys.platform != "darwin" else int(kb / 2 ** 20)  # macOS counts bytes
-
-
 def release_memory() -> None:
-    """Give a finished stage's model, optimizer and trainer back before the next stage builds its own: break
-    the reference cycles Lightning leaves (trainer <-> module <-> callbacks) and hand freed heap pages back
-    to the system, so stages do not stack their peaks."""
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    """Give a finished stage's model, optimizer and trainer back before the next stage builds its own (and
+    training's freed heap pages back before test decoding): break the reference cycles Lightning leaves
+    (trainer <-> module <-> callbacks), then trim the heap (:mod:`prouie_pl.memory`)."""
+    trim_heap(collect=True)
 
 
 def _finish(stage_dir: Path, records, info: dict, result: "EvalResult", t0: float) -> tuple[dict, "EvalResult"]:

@@ -109,6 +109,7 @@ class SFTModule(UIEModule):
         return nll * scale / max(int(step_tokens), 1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         mask = batch["attention_mask"]
         self.log("train/padding_share", 1.0 - float(mask.sum()) / mask.numel(), batch_size=1)
 
