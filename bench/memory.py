@@ -68,10 +68,6 @@ class Phases:
         self._thread.join()
 
 
-def release() -> None:
-    trim_heap(collect=True)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny")
@@ -161,7 +157,7 @@ def main(argv=None) -> None:
     def release_training():
         nonlocal opt, batches
         opt, batches = None, None
-        release()
+        trim_heap(collect=True)
 
     phases.run("release training", release_training)
     phases.run("cast float32", lambda: cast_frozen_base(model, torch.float32))
@@ -179,7 +175,7 @@ def main(argv=None) -> None:
 
     completions = phases.run(f"decode ({len(prompts)} prompts, batch {args.decode_batch}, cap {args.max_new_tokens})", decode)
     del completions
-    phases.run("release decoding", release)
+    phases.run("release decoding", trim_heap, collect=True)
     de = UIEDataModule(stage="de", data_dir=args.data_dir, datasets=args.datasets, sample_per_dataset=args.prompts,
                        batch_size=args.prompts, max_val_records=0, seed=args.seed)
     de.connect(tok)

@@ -44,7 +44,7 @@ class StageProgress(L.Callback):
         self._t0 = 0.0
         self._last = 0.0
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._shown = ""
+        self._shown_step: Optional[int] = None  # the step of the last line printed
 
     def _total(self, trainer) -> Optional[int]:
         if trainer.max_steps and trainer.max_steps > 0:
@@ -77,10 +77,10 @@ class StageProgress(L.Callback):
     def _show(self, trainer, final: bool = False) -> None:
         if not trainer.is_global_zero:
             return
-        text = self.line(trainer)
-        if final and not self._tty and text.split(", ")[0] == self._shown.split(", ")[0]:
+        if final and not self._tty and trainer.global_step == self._shown_step:
             return  # the last step's line is already printed
-        self._shown = text
+        self._shown_step = trainer.global_step
+        text = self.line(trainer)
         if self._tty:
             self.stream.write("\r\033[K" + text + ("\n" if final else ""))
         else:
@@ -111,13 +111,13 @@ class StageProgress(L.Callback):
         k, n = self.position
         text = f"[prouie] stage {k}/{n} {self.label}: decoding the test split, batch {self._batches}" + (f"/{total}" if total else "")
         text += f", {clock(spent)}"
+        left = spent / self._batches * (total - self._batches) if total and self._batches else None
+        if left is not None:
+            text += f", ~{clock(left)} left in it"
         text += f", run {clock(now - self.run_start)}"
-        if total and self._batches:
-            left = spent / self._batches * (total - self._batches)
-            later = self.later()
-            text = text.replace(", run ", f", ~{clock(left)} left in it, run ")
-            if later is not None:
-                text += f", ~{clock(left + later)} left in the run"
+        later = self.later() if left is not None else None
+        if later is not None:
+            text += f", ~{clock(left + later)} left in the run"
         return text
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
