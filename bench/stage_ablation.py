@@ -54,7 +54,7 @@ HEADLINE = ("NER", "RE_strict", "EE_trigger", "EE_argument")
 CONFIG_OF = {"mixed": "cm", "cm": "cm", "sa": "sa", "de": "de"}
 PRESETS = {  # full run / --quick
     "cm_unit": (25, 1), "sa_epochs": (2, 1), "de_steps": (16, 2), "train": (300, 32), "dev": (16, 3), "test": (200, 6),
-    "sa_per_dataset": (64, 8), "max_new_tokens_full": (288, 48), "max_new_tokens_concise": (160, 32), "threads": (2, 1)}
+    "sa_per_dataset": (64, 8), "max_new_tokens_full": (352, 48), "max_new_tokens_concise": (160, 32), "threads": (2, 1)}
 CALLBACKS = [{"class_path": "prouie_pl.callbacks.AdapterExport", "init_args": {"monitor": None}},
              {"class_path": "prouie_pl.callbacks.GenerationEvaluator", "init_args": {"sample_rows": 0}},
              {"class_path": "prouie_pl.callbacks.CurriculumCallback"}]
@@ -277,6 +277,9 @@ def parse_args(argv: list[str]):
     ap.add_argument("--mixed-seconds", type=float, default=None,
                     help="mixed SFT's max_time instead of the chain's trained seconds (when the chain ran beside other "
                          "jobs: give the seconds it would have taken alone, and say how they were estimated)")
+    ap.add_argument("--stop-after", choices=ARMS, default=ARMS[-1],
+                    help="train and score the arms up to this one and stop (a later invocation with the same work folder "
+                         "reuses them and goes on)")
     args = ap.parse_args(argv)
     for k, vals in PRESETS.items():
         if getattr(args, k) is None:
@@ -296,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = Path(args.work_dir or REPO / "outputs" / "stage_ablation" / (args.model + "-quick" * args.quick)).resolve()
     out = Path(args.out) if args.out else (work if args.quick else RESULTS) / f"{name}.md"
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("seeds", "threads", "bootstrap", "work_dir", "out", "fresh", "mixed_seconds")}
+                if k not in ("seeds", "threads", "bootstrap", "work_dir", "out", "fresh", "mixed_seconds", "stop_after")}
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     stamp, args.data_dir, args.n_tasks = work / "settings.json", work / "data", len({d.split("/")[0] for d in args.datasets})
@@ -318,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         arms[s.arm] = {"report": json.loads((folder / "report.json").read_text()), "shapes": answer_shapes(folder),
                        "counts": per_sentence_counts(*read_predictions(folder, test_records))}
         write_report(args, argv, out, stages, arms, gold_empty(test_records), time.perf_counter() - t0)
+        if s.arm == args.stop_after:
+            break
     print(f"[stage_ablation] results: {out} and {out.with_suffix('.json')}")
     return 0
 
