@@ -1,13 +1,15 @@
 """Stage ablation: does each ProUIE stage add to the one before, and does the whole beat plain SFT at equal compute?
 
-    python bench/stage_ablation.py --model gemma-3-270m    # bench/results/stage_ablation_gemma-3-270m.md (~85 min)
+    python bench/stage_ablation.py --model gemma-3-270m    # bench/results/stage_ablation_gemma-3-270m.md (~3 h on 2 cores)
+    python bench/stage_ablation.py --model gemma-3-270m --stop-after CM+SA+DE   # the chain alone (~2 h); run again for mixed
     python bench/stage_ablation.py --model tiny --quick    # smoke run, a few minutes, results in the work folder
 
 One chain of stages, each started from the adapter of the one before and each scored on the test split:
 
     CM        curriculum SFT NER -> NER+RE -> NER+RE+EE (cumulative), full format, 6 x ``--cm-unit`` steps
-              (``trainer.limit_train_batches: unit``, ``data.epochs_per_phase: [1, 2, 3]``), a dev check every two
-              units (the dev F1 curve shows whether CM has flattened)
+              (``trainer.limit_train_batches``: a unit of optimizer steps, counted in micro-batches;
+              ``data.epochs_per_phase: [1, 2, 3]``), a dev check every two units (the dev F1 curve shows whether CM
+              has flattened)
     CM+SA     SA from the CM adapter: a stratified sample (``--sa-per-dataset``), concise format, ``--sa-epochs``
     CM+SA+DE  DE from the CM+SA adapter: ``--de-steps`` GRPO steps with stepwise rewards
     mixed     SFT on every task shuffled together, concise format, for the seconds CM + SA + DE trained
@@ -53,8 +55,8 @@ COMPARISONS = (("CM+SA", "CM"), ("CM+SA+DE", "CM+SA"), ("CM+SA+DE", "CM"), ("CM+
 HEADLINE = ("NER", "RE_strict", "EE_trigger", "EE_argument")
 CONFIG_OF = {"mixed": "cm", "cm": "cm", "sa": "sa", "de": "de"}
 PRESETS = {  # full run / --quick
-    "cm_unit": (25, 1), "sa_epochs": (2, 1), "de_steps": (16, 2), "train": (300, 32), "dev": (16, 3), "test": (200, 6),
-    "sa_per_dataset": (64, 8), "max_new_tokens_full": (352, 48), "max_new_tokens_concise": (160, 32), "threads": (2, 1)}
+    "cm_unit": (50, 1), "sa_epochs": (2, 1), "de_steps": (30, 2), "train": (300, 32), "dev": (16, 3), "test": (200, 6),
+    "sa_per_dataset": (100, 8), "max_new_tokens_full": (352, 48), "max_new_tokens_concise": (160, 32), "threads": (2, 1)}
 CALLBACKS = [{"class_path": "prouie_pl.callbacks.AdapterExport", "init_args": {"monitor": None}},
              {"class_path": "prouie_pl.callbacks.GenerationEvaluator", "init_args": {"sample_rows": 0}},
              {"class_path": "prouie_pl.callbacks.CurriculumCallback"}]
@@ -80,6 +82,15 @@ def config_path(model: str, kind: str) -> Path:
     return path
 
 
+def accumulation(model: str, kind: str) -> int:
+    """``trainer.accumulate_grad_batches`` of a stage's config (1 when it sets none): a curriculum unit counts
+    optimizer steps, ``limit_train_batches`` counts micro-batches."""
+    import yaml
+
+    config = yaml.safe_load(config_path(model, kind).read_text()) or {}
+    return int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1)
+
+
 def stage_options(s: Stage, args, seed: int, mixed_seconds: Optional[float] = None) -> dict:
     """Command-line overrides of one stage (on top of its config)."""
     folder = args.root / s.name
@@ -93,7 +104,7 @@ def stage_options(s: Stage, args, seed: int, mixed_seconds: Optional[float] = No
     if s.kind == "cm":
         o.update({"data.schedule": "cumulative", "data.epochs_per_phase": list(range(1, args.n_tasks + 1)),
                   "trainer.max_epochs": args.n_tasks * (args.n_tasks + 1) // 2, "trainer.max_steps": -1,
-                  "trainer.limit_train_batches": args.cm_unit, "data.max_val_records": args.dev,
+                  "trainer.limit_train_batches": args.cm_unit * accumulation(args.model, "cm"), "data.max_val_records": args.dev,
                   "trainer.limit_val_batches": 1.0, "trainer.check_val_every_n_epoch": 2,
                   "trainer.num_sanity_val_steps": 0})
     elif s.kind == "sa":

@@ -48,6 +48,9 @@ def test_the_chain_starts_each_stage_from_the_last_and_mixed_runs_for_the_chains
     mixed = sa.stage_options(stages["mixed"], args, seed=3, mixed_seconds=3725.4)
     assert mixed["trainer.max_time"] == "00:01:02:05" and mixed["trainer.max_steps"] == 100_000
     assert mixed["data.schedule"] == "mixed" and mixed["data.target_format"] == "concise"
+    # a unit counts optimizer steps: a config that accumulates two micro-batches a step trains twice the batches
+    assert sa.accumulation("tiny", "cm") == 1 and sa.accumulation("gemma-3-270m", "cm") == 2
+    assert sa.stage_options(stages["cm"], args_for(tmp_path, cm_unit=25, model="gemma-3-270m"), seed=3)["trainer.limit_train_batches"] == 50
     assert sa.trained_seconds({"cost": {"seconds": 100.0, "validation_seconds": 30.5}}) == pytest.approx(69.5)
     assert sa.trained_seconds({"cost": {"seconds": 100.0}}) == 100.0  # stages saved before validation was timed
 
