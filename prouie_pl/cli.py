@@ -252,6 +252,9 @@ def build_parser():
     p.add_argument("--progress", action=ActionYesNo, default=True, help="a progress bar (--no_progress: none)")
     p.add_argument("--scores", action=ActionYesNo, default=True, help="a score (0-1) for every unit: how sure the model was (--no_scores: none)")
     p.add_argument("--threshold", type=float, default=0.0, help="keep only units scored above this (0-1; 0 keeps all)")
+    p.add_argument("--loop_guard", action=ActionYesNo, default=True,
+                   help="end an answer that writes one block of tokens three times in a row, keeping two copies "
+                        "(--no_loop_guard: decode to --max_new_tokens)")
     sub.add_subcommand("extract", p, help=COMMANDS["extract"])
 
     p = _parser("tiny-model")

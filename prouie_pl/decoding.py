@@ -77,6 +77,8 @@ class Completions:
     # model's softmax; after the temperature / top-p warpers when sampling, after the logits processor under a
     # constraint), 0 after the first stop
     logprobs: Optional[torch.Tensor] = None
+    # [N] bool: the loop guard ended the row (:class:`LoopGuard`; such rows are ``truncated`` too), None without one
+    looped: Optional[torch.Tensor] = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -88,6 +90,96 @@ class Completions:
         rows = self.ids.tolist()
         return tokenizer.batch_decode([r[:n] for r, n in zip(rows, self.lengths.tolist())], skip_special_tokens=True,
                                       clean_up_tokenization_spaces=False)
+
+
+@dataclass(frozen=True)
+class LoopGuard:
+    """Ends an answer caught in a loop: its last tokens are one block of at most ``max_period`` tokens written
+    ``repeats`` times in a row, over at least ``min_span`` tokens (a block of one token must thus come 32 times
+    with the defaults, a block of 12 three times).  The answer keeps the first two copies of the block and drops
+    the rest: where the block starts is arbitrary, so one copy may end inside a unit, but two in a row hold every
+    unit of the block whole.  It counts as cut (``truncated``) like an answer that reaches ``max_new_tokens``: it
+    never ended on its own.  A small model's greedy answer that starts repeating a unit repeats it to the cap; the
+    guard saves those tokens and most of the repeats."""
+
+    repeats: int = 3
+    max_period: int = 64
+    min_span: int = 32
+
+    def __post_init__(self):
+        if self.repeats < 2 or self.max_period < 1 or self.min_span < 1:
+            raise ValueError(f"LoopGuard needs repeats >= 2, max_period >= 1 and min_span >= 1, not {self}")
+
+    def windows(self) -> list[tuple[int, int]]:
+        """``(period, span)`` pairs, shortest period first: a loop of that period shows over that many last tokens."""
+        return [(p, p * max(self.repeats, -(-self.min_span // p))) for p in range(1, self.max_period + 1)]
+
+    def repeated_tail(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N]`` long: how many of each row's last tokens to drop, under the shortest period that shows a loop
+        (all but two copies of its block; 0 where no period shows one).  ``tokens`` is ``[N, T]``, the rows'
+        tokens so far."""
+        n, t = tokens.shape
+        drop = torch.zeros(n, dtype=torch.long, device=tokens.device)
+        for p, span in self.windows():
+            if span > t:
+                continue
+            tail = tokens[:, t - span:]
+            hit = (tail[:, p:] == tail[:, :-p]).all(dim=1) & (drop == 0)
+            drop = torch.where(hit, torch.full_like(drop, span - 2 * p), drop)
+        return drop
+
+    def first_loop(self, tokens: Sequence[int]) -> Optional[tuple[int, int]]:
+        """Where decoding ``tokens`` one by one under the guard would end the answer: ``(step, kept)``, the number of
+        tokens written when the loop shows and the number the answer keeps; None when it never shows."""
+        best: Optional[tuple[int, int]] = None
+        n = len(tokens)
+        for p, span in self.windows():
+            need, run = span - p, 0
+            for i in range(n - p):  # tokens[i + p] == tokens[i] over ``need`` positions in a row ends a window
+                run = run + 1 if tokens[i + p] == tokens[i] else 0
+                if run >= need:
+                    step = i + p + 1
+                    if best is None or step < best[0]:
+                        best = (step, step - need + p)
+                    break
+        return best
+
+
+class LoopStop:
+    """One batch's :class:`LoopGuard`: which rows it ended and how many tokens each keeps (``keep``, -1 for rows
+    it did not end).  :func:`decode_loop` calls :meth:`update` every step; under ``generate`` the object is a
+    stopping criterion (``prompt_width`` columns of ``input_ids`` are the prompt)."""
+
+    def __init__(self, guard: LoopGuard, rows: int, stop_ids: Sequence[int], prompt_width: int = 0):
+        self.guard, self.prompt_width = guard, prompt_width
+        self.stop_ids = list(stop_ids)
+        self.keep = torch.full((rows,), -1, dtype=torch.long)
+
+    def update(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (output row numbers ``rows``, tokens so far ``tokens``) that are looping now: ``[len(rows)]`` bool."""
+        drop = self.guard.repeated_tail(tokens)
+        hit = drop > 0
+        if bool(hit.any()):
+            self.keep[rows[hit].cpu()] = (tokens.shape[1] - drop[hit]).cpu()
+        return hit
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_width:]
+        stops = torch.as_tensor(self.stop_ids, device=new.device)
+        live = (~torch.isin(new, stops).any(dim=1) & (self.keep.to(new.device) < 0)).nonzero().squeeze(1)
+        hit = torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
+        if live.numel():
+            hit[live] = self.update(new[live], live)
+        return hit
+
+    def apply(self, mask: torch.Tensor, truncated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The completion mask cut after each ended row's kept tokens, ``truncated`` with those rows set, and
+        which rows the guard ended."""
+        keep = self.keep.to(mask.device)
+        looped = keep >= 0
+        cols = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+        mask = mask.masked_fill(looped.unsqueeze(1) & (cols >= keep.unsqueeze(1)), 0)
+        return mask, truncated | looped, looped
 
 
 # a factory of the logits processor for one batch: (indices of its prompts, its padded prompt width) -> processor
@@ -220,10 +312,11 @@ def _sampling_warpers(sampling: Sampling) -> list:
 
 def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Sequence[int],
                 pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1, share_prefix: bool = True,
-                with_logprobs: bool = False):
+                with_logprobs: bool = False, loop_stop: Optional[LoopStop] = None):
     """New tokens ``[N, T]`` of a left-padded batch (rows ``i * G + j``), decoded step by step with finished rows
     dropped from the batch and the KV cache (see the module docstring); ``T`` is the number of steps run (the
-    longest completion), a row's tokens after its first stop are ``pad_id``.  With ``with_logprobs`` it returns
+    longest completion), a row's tokens after its first stop are ``pad_id``.  A ``loop_stop`` ends rows that loop
+(they leave the batch as stopped rows do; it records where their answers end).  With ``with_logprobs`` it returns
     ``(tokens, logprobs)``, ``logprobs[i, t]`` the float32 log-probability of token ``t`` of row ``i`` under the
     distribution it was chosen from (0 after the row stopped).  Call under ``torch.no_grad`` and in eval mode
     (:func:`decode_batch` does)."""
@@ -266,9 +359,13 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         if out_lp is not None:
             out_lp[live, steps] = chosen_logprobs(scores, nxt)
         steps += 1
+        going = ~torch.isin(nxt, stops)
+        if loop_stop is not None and steps >= loop_stop.guard.min_span and bool(going.any()):
+            looping = torch.zeros_like(going)
+            looping[going] = loop_stop.update(out[live[going], :steps], live[going])
+            going &= ~looping
         if steps == max_new_tokens:
             break
-        going = ~torch.isin(nxt, stops)
         n_going = int(going.sum())
         if n_going == 0:
             break
@@ -332,7 +429,8 @@ class ChosenLogProbs:
 @torch.no_grad()
 def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop_ids: Sequence[int],
                  pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1, share_prefix: bool = True,
-                 logits_processor=None, engine: Engine = "loop", with_logprobs: bool = False) -> Completions:
+                 logits_processor=None, engine: Engine = "loop", with_logprobs: bool = False,
+                 loop_guard: Optional[LoopGuard] = None) -> Completions:
     """Completions of one left-padded batch: ``num_samples`` per prompt (rows ``i * G + j``), greedy when
     ``sampling`` is None.  ``with_logprobs`` fills :attr:`Completions.logprobs` (greedy decoding, or sampling
     with the ``loop`` engine, whose draws it records after the warpers; ``generate`` applies its sampling
@@ -342,17 +440,20 @@ def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     ``model.generate``, every row until the last one stops.  With a ``logits_processor`` (a transformers
     processor list, such as the schema-constrained one) the batch always goes through ``generate``, whatever
     ``engine`` says, and no row leaves it early: the processor sees the rows as ``generate`` gives them,
-    prompts repeated, every row at every step."""
+    prompts repeated, every row at every step.  ``loop_guard`` ends rows that loop (:class:`LoopGuard`) under
+    either engine and fills :attr:`Completions.looped`."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, not {num_samples}")
     _check_engine(engine)
     input_ids, attention_mask = drop_padding_columns(input_ids, attention_mask)
     stops = list(stop_ids)
     rows = input_ids.shape[0] * num_samples
+    stopper = LoopStop(loop_guard, rows, stops, input_ids.shape[1]) if loop_guard is not None else None
     if engine == "loop" and logits_processor is None:
         with eval_mode(model):
             new = decode_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad_id,
-                              sampling=sampling, num_samples=num_samples, share_prefix=share_prefix, with_logprobs=with_logprobs)
+                              sampling=sampling, num_samples=num_samples, share_prefix=share_prefix, with_logprobs=with_logprobs,
+                              loop_stop=stopper)
         lp = None
         if with_logprobs:
             new, lp = new
@@ -369,6 +470,10 @@ def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
             logits_processor = LogitsProcessorList([*(logits_processor or []), recorder])
         if logits_processor is not None:
             kwargs["logits_processor"] = logits_processor
+        if stopper is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
         with eval_mode(model):
             if num_samples > 1 and share_prefix and input_ids.shape[1] > 1:
                 keyword, cache = prefill_shared_cache(model, input_ids, attention_mask, num_samples)
@@ -383,15 +488,19 @@ def decode_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
         new = torch.full((rows, 1), stops[0], dtype=input_ids.dtype, device=input_ids.device)
         lp = torch.zeros((rows, 1), dtype=torch.float32, device=input_ids.device) if lp is not None else None
     cmask, truncated = completion_mask(new, stops)
+    looped = None
+    if stopper is not None:
+        cmask, truncated, looped = stopper.apply(cmask, truncated)
     if lp is not None:
         lp = lp.masked_fill(cmask == 0, 0.0)
-    return Completions(new.masked_fill(cmask == 0, pad_id), cmask, truncated, lp)
+    return Completions(new.masked_fill(cmask == 0, pad_id), cmask, truncated, lp, looped)
 
 
 def iter_decode(model, prompts: Sequence[Sequence[int]], *, batch_size: Optional[int], max_new_tokens: int,
                 stop_ids: Sequence[int], pad_id: int, sampling: Optional[Sampling] = None, num_samples: int = 1,
                 share_prefix: bool = True, processor_for: Optional[ProcessorFactory] = None,
-                device=None, engine: Engine = "loop", with_logprobs: bool = False) -> Iterator[tuple[list[int], Completions]]:
+                device=None, engine: Engine = "loop", with_logprobs: bool = False,
+                loop_guard: Optional[LoopGuard] = None) -> Iterator[tuple[list[int], Completions]]:
     """``(prompt indices, their completions)`` batch by batch, batches formed by :func:`length_batches`;
     ``engine`` as for :func:`decode_batch` (batches under ``processor_for`` decode through ``generate``)."""
     _check_engine(engine)
@@ -406,7 +515,7 @@ def iter_decode(model, prompts: Sequence[Sequence[int]], *, batch_size: Optional
             processor = LogitsProcessorList([processor_for(idx, ids.shape[1])])
         yield idx, decode_batch(model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                                 sampling=sampling, num_samples=num_samples, share_prefix=share_prefix,
-                                logits_processor=processor, engine=engine, with_logprobs=with_logprobs)
+                                logits_processor=processor, engine=engine, with_logprobs=with_logprobs, loop_guard=loop_guard)
 
 
 def decode_prompts(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, **options) -> Completions:
@@ -424,6 +533,8 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], *, num_samples: int 
     truncated = torch.zeros(n, dtype=torch.bool, device=device)
     has_lp = all(c.logprobs is not None for _, c in parts)
     lp = torch.zeros((n, width), dtype=torch.float32, device=device) if has_lp else None
+    has_looped = all(c.looped is not None for _, c in parts)
+    looped = torch.zeros(n, dtype=torch.bool, device=device) if has_looped else None
     for idx, c in parts:
         rows = (torch.as_tensor(idx, device=device).unsqueeze(1) * num_samples + torch.arange(num_samples, device=device)).flatten()
         ids[rows, :c.ids.shape[1]] = c.ids
@@ -431,7 +542,9 @@ def decode_prompts(model, prompts: Sequence[Sequence[int]], *, num_samples: int 
         truncated[rows] = c.truncated
         if lp is not None:
             lp[rows, :c.logprobs.shape[1]] = c.logprobs
-    return Completions(ids, mask, truncated, lp)
+        if looped is not None:
+            looped[rows] = c.looped
+    return Completions(ids, mask, truncated, lp, looped)
 
 
 def _model_device(model) -> torch.device:
@@ -451,6 +564,7 @@ class GreedyOutput:
     new_tokens: list[int]
     token_ids: Optional[list[list[int]]] = None
     token_logprobs: Optional[list[list[float]]] = None
+    looped: Optional[list[bool]] = None  # the loop guard ended the answer (it is ``truncated`` too)
 
 
 def greedy_output(tokenizer, completions: Completions) -> GreedyOutput:
@@ -459,7 +573,8 @@ def greedy_output(tokenizer, completions: Completions) -> GreedyOutput:
     if completions.logprobs is not None:
         ids = [row[:n] for row, n in zip(completions.ids.tolist(), lengths)]
         lps = [row[:n] for row, n in zip(completions.logprobs.tolist(), lengths)]
-    return GreedyOutput(completions.texts(tokenizer), [bool(t) for t in completions.truncated.tolist()], lengths, ids, lps)
+    looped = [bool(x) for x in completions.looped.tolist()] if completions.looped is not None else None
+    return GreedyOutput(completions.texts(tokenizer), [bool(t) for t in completions.truncated.tolist()], lengths, ids, lps, looped)
 
 
 def constraint_factory(tokenizer, rows: Sequence[tuple[str, LabelSchema, str]], max_new_tokens: int,
@@ -477,14 +592,14 @@ def constraint_factory(tokenizer, rows: Sequence[tuple[str, LabelSchema, str]], 
 def generate_greedy(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     stop_ids: Sequence[int],
                     constraint_rows: Optional[Sequence[tuple[str, LabelSchema, str]]] = None,
-                    engine: Engine = "loop", with_logprobs: bool = False) -> GreedyOutput:
+                    engine: Engine = "loop", with_logprobs: bool = False, loop_guard: Optional[LoopGuard] = None) -> GreedyOutput:
     """Greedy answers for a left-padded batch (decoded as one batch); ``constraint_rows`` gives
     ``(task, schema, text)`` per row to decode under the concise-format constraint (through ``generate``,
-    whatever ``engine`` says, see :func:`decode_batch`)."""
+    whatever ``engine`` says, see :func:`decode_batch`); ``loop_guard`` ends answers that loop."""
     if constraint_rows is not None and len(constraint_rows) != input_ids.shape[0]:
         raise ValueError(f"constrained decoding needs one (task, schema, text) per row: {len(constraint_rows)} for {input_ids.shape[0]} rows")
     factory = None if constraint_rows is None else constraint_factory(tokenizer, constraint_rows, max_new_tokens, stop_ids)
     completions = decode_prompts(model, prompt_rows(input_ids, attention_mask), batch_size=None, max_new_tokens=max_new_tokens,
                                  stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, processor_for=factory, device=input_ids.device,
-                                 engine=engine, with_logprobs=with_logprobs)
+                                 engine=engine, with_logprobs=with_logprobs, loop_guard=loop_guard)
     return greedy_output(tokenizer, completions)

@@ -34,7 +34,7 @@ schema.yaml (any of the three keys; each one present runs its task):
 
 Each output line: {"id", "entities": [{"text", "type", "start", "end", "score"}], "relations": [{"type", "head", "tail",
 "score"}], "events": [{"type", "trigger", "arguments": [{"role", "text", "start", "end", "score"}], "score"}],
-"unaligned": [...], "chunks", "truncated_answers", "cut_windows", "below_threshold", "windows": [{"start", "end",
+"unaligned": [...], "chunks", "truncated_answers", "looped_answers", "cut_windows", "below_threshold", "windows": [{"start", "end",
 "sentence_cut", "truncated_tasks"}]} with character offsets into the document; "score" is how sure the model was
 of the unit (0-1); "unaligned" keeps what the model named but the text does not hold."""
 
@@ -158,9 +158,9 @@ def run_extract(args) -> int:
     extractor = Extractor.from_pretrained(args.model, base=args.base, device=args.device, quantization=args.quantization, dtype=args.dtype,
                                           max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size, constrained=args.constrained, target_format=args.format,
-                                          threshold=args.threshold, scores=args.scores)
+                                          threshold=args.threshold, scores=args.scores, loop_guard=args.loop_guard)
     t0 = time.perf_counter()
-    n = windows = failures = lost = truncated = cut = below = 0
+    n = windows = failures = lost = truncated = looped = cut = below = 0
     with out.open(mode, encoding="utf-8") as fh:
         for result in extractor.iter_extract(todo, schema, total=len(todo), progress=args.progress):
             fh.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
@@ -170,12 +170,14 @@ def run_extract(args) -> int:
             failures += result.parse_failures
             lost += len(result.unaligned)
             truncated += result.truncated_answers
+            looped += result.looped_answers
             cut += result.cut_windows
             below += result.below_threshold
     dt = max(time.perf_counter() - t0, 1e-9)
     print(f"wrote {n} documents ({windows} windows) to {out} in {dt:.1f} s ({n / dt:.2f} documents/s); "
           f"{failures} answers did not parse cleanly, {lost} units could not be placed in the text (see 'unaligned'); "
-          f"{truncated} answers hit --max_new_tokens {args.max_new_tokens} (raise it to read them whole), "
+          f"{truncated - looped} answers hit --max_new_tokens {args.max_new_tokens} (raise it to read them whole), "
+          f"{looped} answers were ended looping (one block written three times; two copies are kept), "
           f"{cut} windows cut a sentence longer than --max_input_tokens {args.max_input_tokens} allows"
           + (f"; {below} units scored at or below --threshold {args.threshold:g} were dropped" if args.threshold > 0 else ""),
           file=sys.stderr)

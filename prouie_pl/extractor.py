@@ -157,7 +157,8 @@ class UnalignedUnit:
 @dataclass
 class ChunkOutput:
     """One raw answer: which window and task, the model's text, whether it parsed cleanly, its length, whether
-    it hit ``max_new_tokens`` (``truncated``), and the score of each unit it holds (parse order)."""
+    it was cut (``truncated``: it hit ``max_new_tokens``, or ``looped`` and the loop guard ended it), and the
+    score of each unit it holds (parse order)."""
 
     chunk: int
     task: str
@@ -168,6 +169,7 @@ class ChunkOutput:
     truncated: bool
     new_tokens: int
     unit_scores: Optional[list[float]] = None
+    looped: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ class DocumentExtraction:
             "unaligned": [u.to_json() for u in self.unaligned],
             "chunks": self.chunks,
             "truncated_answers": self.truncated_answers,
+            "looped_answers": self.looped_answers,
             "cut_windows": self.cut_windows,
             "below_threshold": self.below_threshold,
             "windows": [w.to_json() for w in self.windows],
@@ -220,8 +223,13 @@ class DocumentExtraction:
 
     @property
     def truncated_answers(self) -> int:
-        """Answers (window x task) that hit ``max_new_tokens``."""
+        """Answers (window x task) that were cut: they hit ``max_new_tokens`` or the loop guard ended them."""
         return sum(1 for o in self.outputs if o.truncated)
+
+    @property
+    def looped_answers(self) -> int:
+        """Answers the loop guard ended (:class:`prouie_pl.decoding.LoopGuard`; counted in ``truncated_answers``)."""
+        return sum(1 for o in self.outputs if o.looped)
 
     @property
     def cut_windows(self) -> int:
@@ -266,7 +274,7 @@ class _Document:
         a, b = window.start + local[0], window.start + local[1]
         return TextSpan(self.text[a:b], a, b)
 
-    def add(self, job: _Job, output: str, truncated: bool, new_tokens: int, scored=None) -> None:
+    def add(self, job: _Job, output: str, truncated: bool, new_tokens: int, scored=None, looped: bool = False) -> None:
         """One answer; ``scored`` (a :class:`prouie_pl.confidence.ScoredAnswer` of it) gives each unit its score."""
         from .confidence import keep_unit
 
@@ -276,7 +284,7 @@ class _Document:
         if scored is not None and len(scored.units) == len(units):
             self._scores = {id(u): s for u, s in zip(units, scored.scores)}
         self.outputs.append(ChunkOutput(job.chunk, job.task, job.window.start, job.window.end, output, parsed.ok, truncated, new_tokens,
-                                        list(scored.scores) if scored is not None else None))
+                                        list(scored.scores) if scored is not None else None, looped))
         if self.threshold > 0.0:
             kept = [u for u in units if keep_unit(self._scores.get(id(u)), self.threshold)]
             self.below += len(units) - len(kept)
@@ -403,7 +411,7 @@ class _Document:
 
         cut: dict[int, list[str]] = {}
         for o in self.outputs:
-            if o.truncated:
+            if o.truncated and not o.looped:  # a looping answer loses only its repeats
                 cut.setdefault(o.chunk, []).append(o.task)
         return [WindowReport(w.start, w.end, inside(w.start) or inside(w.end), tuple(sorted(cut.get(i, ()))))
                 for i, w in enumerate(self.windows)]
@@ -441,11 +449,13 @@ class Extractor:
             the log-probabilities.
         calibration: a :class:`prouie_pl.confidence.Calibration` for the scores (``from_pretrained`` loads the
             one saved with an adapter; identity otherwise).
+        loop_guard: end an answer that writes one block of tokens three times in a row
+            (:class:`prouie_pl.decoding.LoopGuard`): it keeps two copies and counts as truncated.
     """
 
     def __init__(self, model, tokenizer, *, max_input_tokens: int = 512, max_new_tokens: int = 256, batch_size: int = 16,
                  constrained: bool = False, target_format: str = "concise", threshold: float = 0.0, scores: bool = True,
-                 calibration=None):
+                 calibration=None, loop_guard: bool = True):
         from .confidence import Calibration, check_threshold
 
         if batch_size < 1:
@@ -466,6 +476,9 @@ class Extractor:
         if self.threshold > 0.0 and not scores:
             raise ValueError("--threshold needs unit scores; drop --no_scores")
         self.scores = scores
+        from .decoding import LoopGuard
+
+        self.loop_guard = LoopGuard() if loop_guard else None
         self.calibration = calibration if calibration is not None else Calibration()
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         if tokenizer.pad_token_id is None:
@@ -623,14 +636,15 @@ class Extractor:
         # batches of similar prompt length, longest first, as every decoding path batches them
         for idx, done in iter_decode(self.model, [j.prompt for j in jobs], batch_size=self.batch_size,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                     pad_id=self.tokenizer.pad_token_id, processor_for=factory, with_logprobs=self.scores):
+                                     pad_id=self.tokenizer.pad_token_id, processor_for=factory, with_logprobs=self.scores,
+                                     loop_guard=self.loop_guard):
             out = greedy_output(self.tokenizer, done)
             for k, (i, text, cut, n) in enumerate(zip(idx, out.texts, out.truncated, out.new_tokens)):
                 scored = None
                 if out.token_logprobs is not None:
                     scored = score_answer(self.tokenizer, text, out.token_ids[k], out.token_logprobs[k], jobs[i].task, jobs[i].schema,
                                           calibration=self.calibration)
-                jobs[i].doc.add(jobs[i], text, cut, n, scored)
+                jobs[i].doc.add(jobs[i], text, cut, n, scored, bool(out.looped and out.looped[k]))
                 jobs[i].doc.pending -= 1
             yield from ready()
 

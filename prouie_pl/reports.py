@@ -74,9 +74,11 @@ def f1_table(results: dict[str, EvalResult]) -> tuple[list[str], list[list]]:
 def cost_table(results: dict[str, EvalResult], infos: dict[str, dict]) -> tuple[list[str], list[list]]:
     """One row per stage: what it cost (training), what decoding the test split took, the process's peak resident
     memory by the stage's end (the high-water mark so far, so a stage that needs less than an earlier one shows
-    the earlier figure), and its answers."""
+    the earlier figure), and its answers (those the loop guard ended are counted apart from those that hit the
+    token cap)."""
     headers = ["stage", "train s", "optimizer steps", "training tokens", "GRPO completions", "test decode s",
-               "cumulative s", "peak RSS MB", "overall F1", "parse failures", "hit the token cap", "blank answers", "answers without structures"]
+               "cumulative s", "peak RSS MB", "overall F1", "parse failures", "hit the token cap", "ended looping", "blank answers",
+               "answers without structures"]
     rows = []
     for s, total in zip(results, cumulative_seconds(results, infos)):
         info = infos.get(s, {})
@@ -84,7 +86,8 @@ def cost_table(results: dict[str, EvalResult], infos: dict[str, dict]) -> tuple[
         rows.append([STAGE_NAMES.get(s, s), cost.get("seconds", 0.0), cost.get("steps", 0), cost.get("tokens", 0),
                      cost.get("completions", 0), info.get("test_seconds", 0.0), total,
                      info.get("peak_rss_mb") or "-", overall(results[s]),
-                     results[s].parse_failures, results[s].truncated, info.get("blank_answers", 0),
+                     results[s].parse_failures, results[s].truncated - results[s].looped, results[s].looped,
+                     info.get("blank_answers", 0),
                      info.get("answers_without_structures", 0)])
     return headers, rows
 

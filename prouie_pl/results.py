@@ -32,6 +32,7 @@ class Prediction:
     truncated: bool = False
     # the score of each unit the parser reads from ``output``, in its order (:mod:`prouie_pl.confidence`)
     unit_scores: Optional[tuple[float, ...]] = None
+    looped: bool = False  # the loop guard ended it (:class:`prouie_pl.decoding.LoopGuard`); ``truncated`` too
 
     @property
     def uid(self) -> tuple[str, str, int]:
@@ -39,6 +40,8 @@ class Prediction:
 
     def to_json(self) -> dict:
         out = {"task": self.task, "dataset": self.dataset, "index": self.index, "output": self.output, "truncated": self.truncated}
+        if self.looped:
+            out["looped"] = True
         if self.unit_scores is not None:
             out["unit_scores"] = list(self.unit_scores)
         return out
@@ -64,24 +67,25 @@ class EvalResult:
     @classmethod
     def score(cls, rows: Iterable[tuple], mode: str = "strict", split: Optional[str] = None,
               threshold: float = 0.0) -> "EvalResult":
-        """Score ``(record, output, truncated[, unit scores])`` rows; the predictions come out ordered by task,
-        data set, index.  ``threshold`` keeps only units scored above it (see :mod:`prouie_pl.confidence`)."""
+        """Score ``(record, output, truncated[, unit scores[, looped]])`` rows; the predictions come out ordered by
+        task, data set, index.  ``threshold`` keeps only units scored above it (see :mod:`prouie_pl.confidence`)."""
         rows = sorted(rows, key=lambda x: (x[0].task, x[0].dataset, x[0].index))
-        rows = [(r[0], r[1], r[2], r[3] if len(r) > 3 else None) for r in rows]
+        rows = [(r[0], r[1], r[2], r[3] if len(r) > 3 else None, bool(r[4]) if len(r) > 4 else False) for r in rows]
         scorer = Scorer(mode)
-        for rec, out, _, scores in rows:
+        for rec, out, _, scores, _ in rows:
             scorer.add(rec, out, unit_scores=scores, threshold=threshold)
         report = scorer.report()
         report["overall_f1"] = round(overall_f1(report), 4)
         report["truncated_outputs"] = sum(1 for row in rows if row[2])
+        report["looped_outputs"] = sum(1 for row in rows if row[4])
         report["n"] = len(rows)
         if threshold:
             report["threshold"] = threshold
         if split is not None:
             report["split"] = split
         return cls(report, [Prediction(rec.task, rec.dataset, rec.index, out, bool(cut),
-                                       None if sc is None else tuple(round(float(x), 6) for x in sc))
-                            for rec, out, cut, sc in rows])
+                                       None if sc is None else tuple(round(float(x), 6) for x in sc), loop)
+                            for rec, out, cut, sc, loop in rows])
 
     # ------------------------------------------------------------------ what the report says
 
@@ -114,6 +118,11 @@ class EvalResult:
     def truncated(self) -> int:
         return self.report.get("truncated_outputs", 0)
 
+    @property
+    def looped(self) -> int:
+        """Answers the loop guard ended (counted in :attr:`truncated` too)."""
+        return self.report.get("looped_outputs", 0)
+
     def outputs(self) -> dict[tuple[str, str, int], str]:
         """Raw output per record uid."""
         return {p.uid: p.output for p in self.predictions}
@@ -139,4 +148,5 @@ class EvalResult:
         path = folder / PREDICTIONS
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
         return cls(report, [Prediction(r["task"], r["dataset"], r["index"], r.get("output") or "", bool(r.get("truncated", False)),
-                                       tuple(r["unit_scores"]) if isinstance(r.get("unit_scores"), list) else None) for r in rows])
+                                       tuple(r["unit_scores"]) if isinstance(r.get("unit_scores"), list) else None,
+                                       bool(r.get("looped", False))) for r in rows])

@@ -30,11 +30,15 @@ class GenerationSettings:
             writes the concise format, so it suits SA and DE models (and data with ``target_format: concise``).
         unit_scores: score every unit of every answer (:mod:`prouie_pl.confidence`, with the calibration saved
             beside ``lora.init_adapter`` when there is one); the scores go to ``predictions.jsonl``.
+        loop_guard: end an answer that writes one block of tokens three times in a row
+            (:class:`prouie_pl.decoding.LoopGuard`): it keeps two copies and counts as cut, like an answer
+            that reaches ``max_new_tokens``, and ``predictions.jsonl`` marks it ``looped``.
     """
 
     max_new_tokens: int = 256
     constrained: bool = False
     unit_scores: bool = True
+    loop_guard: bool = True
 
 
 class UIEModule(L.LightningModule):
@@ -147,7 +151,7 @@ class UIEModule(L.LightningModule):
                          records: Optional[Sequence[Record]] = None, with_logprobs: bool = False):
         """:meth:`generate_texts` as a :class:`prouie_pl.decoding.GreedyOutput` (token ids and their
         log-probabilities too with ``with_logprobs``)."""
-        from .decoding import generate_greedy
+        from .decoding import LoopGuard, generate_greedy
 
         limit = max_new_tokens or self.generation_settings.max_new_tokens
         rows = None
@@ -155,8 +159,9 @@ class UIEModule(L.LightningModule):
             if records is None:
                 raise ValueError("model.generation.constrained needs the batch's records (task, schema, sentence) to constrain on")
             rows = [(r.task, r.schema, r.sentence) for r in records]
+        guard = LoopGuard() if self.generation_settings.loop_guard else None
         return generate_greedy(self.model, self.tokenizer, input_ids, attention_mask, limit, self.stop_ids, constraint_rows=rows,
-                               with_logprobs=with_logprobs)
+                               with_logprobs=with_logprobs, loop_guard=guard)
 
     @property
     def calibration(self):
@@ -171,7 +176,8 @@ class UIEModule(L.LightningModule):
         records = batch["records"].items
         scored = scores and self.generation_settings.unit_scores
         out = self.generate_answers(batch["input_ids"], batch["attention_mask"], records=records, with_logprobs=scored)
-        step = {"records": records, "outputs": out.texts, "truncated": out.truncated}
+        step = {"records": records, "outputs": out.texts, "truncated": out.truncated,
+                "looped": out.looped or [False] * len(out.texts)}
         if scored and out.token_logprobs is not None:
             from .confidence import score_answer
 

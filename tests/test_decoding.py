@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prouie_pl.decoding import (ENGINES, Completions, Sampling, completion_mask, decode_batch, decode_prompts, iter_decode,
-                                left_pad, length_batches, prefill_shared_cache)
+from prouie_pl.decoding import (ENGINES, Completions, LoopGuard, Sampling, completion_mask, decode_batch, decode_prompts,
+                                greedy_output, iter_decode, left_pad, length_batches, prefill_shared_cache)
 from training_helpers import single_thread, tiny_gemma3
 
 PAD = 0
@@ -379,3 +379,97 @@ def test_engines_are_checked():
     with pytest.raises(ValueError, match="model.rollout.engine"):
         RolloutSettings(engine="vllm")
     assert RolloutSettings().engine == "loop"
+
+
+# ------------------------------------------------------------------------------------------ the loop guard
+
+
+def test_loop_guard_finds_the_shortest_period_that_repeats_over_the_span():
+    guard = LoopGuard(repeats=3, max_period=8, min_span=12)
+    assert guard.windows()[:4] == [(1, 12), (2, 12), (3, 12), (4, 12)] and guard.windows()[-1] == (8, 24)
+    cycle = [5, 6, 7, 8, 9]  # period 5: three copies (15 tokens) cover the 12-token span
+    rows = torch.tensor([
+        [1, 2] + cycle * 3,                      # a loop of period 5: drop the last copy, keep two
+        [1, 2] + cycle * 2 + [5, 6, 7, 8, 4],    # two copies and a different ending: no loop
+        [3] * 17,                                # one token 17 times: period 1 (not 5), keep 2 of the 12-token span
+        [1, 2, 3] + [4, 4, 5, 5] * 3 + [4, 4],   # period 4 over 14 tokens: 12 suffice, keep 8 of them
+    ])
+    assert guard.repeated_tail(rows).tolist() == [5, 0, 10, 4]
+    assert guard.repeated_tail(rows[:, :5]).tolist() == [0, 0, 0, 0]  # shorter than every span
+    # two copies of a long unit are not a loop: gold answers repeat a unit now and then
+    assert LoopGuard().repeated_tail(torch.tensor([list(range(10, 30)) * 2])).tolist() == [0]
+    with pytest.raises(ValueError, match="repeats >= 2"):
+        LoopGuard(repeats=1)
+    # first_loop replays decoding: the step the guard fires at and what the answer keeps, for every row
+    for row in rows.tolist():
+        fired = [t for t in range(1, len(row) + 1) if guard.repeated_tail(torch.tensor([row[:t]])).item()]
+        want = None if not fired else (fired[0], fired[0] - guard.repeated_tail(torch.tensor([row[:fired[0]]])).item())
+        assert guard.first_loop(row) == want
+    assert guard.first_loop([3] * 17) == (12, 2) and guard.first_loop([1, 2] + cycle * 3) == (17, 12)
+
+
+class MarkovHook:
+    """Forces each next token to ``table.get(last token, default)``: the model follows that chain from its
+    prompt's last token, so a cycle in the table is an answer that loops, whatever rows are left in the batch.
+    Counts the forward calls."""
+
+    def __init__(self, model, table: dict[int, int], default: int):
+        self.table, self.default, self.calls = table, default, 0
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, out):
+        self.calls += 1
+        last = kwargs["input_ids"][:, -1].tolist()
+        forced = torch.full_like(out.logits[:, -1, :], -1e4)
+        for i, tok in enumerate(last):
+            forced[i, self.table.get(tok, self.default)] = 1e4
+        out.logits[:, -1, :] = forced
+        return out
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_loop_guard_ends_a_looping_answer_and_keeps_one_copy(llama, engine):
+    stop = 2
+    # prompt 0 ends in 40 and loops 10 11 12 10 11 12 ...; prompt 1 ends in 41 and writes 20 .. 39, then stops
+    table = {40: 10, 10: 11, 11: 12, 12: 10, 41: 20, **{t: t + 1 for t in range(20, 39)}, 39: stop}
+    ids, mask = left_pad([[5, 6, 7, 40], [8, 41]], PAD)
+    runs = {}
+    for guard in (None, LoopGuard()):
+        hook = MarkovHook(llama, table, default=stop)
+        try:
+            out = decode_batch(llama, ids, mask, max_new_tokens=60, stop_ids=[stop], pad_id=PAD, engine=engine,
+                               with_logprobs=True, loop_guard=guard)
+        finally:
+            hook.remove()
+        runs[guard is not None] = out, hook.calls
+    (plain, plain_calls), (guarded, guarded_calls) = runs[False], runs[True]
+    assert plain.looped is None and plain.truncated.tolist() == [True, False] and plain.lengths.tolist() == [60, 21]
+    # period 3 needs 33 tokens (the 32-token span rounded up to whole copies); the answer keeps two copies
+    assert guarded.looped.tolist() == [True, False] and guarded.truncated.tolist() == [True, False]
+    assert guarded.lengths.tolist() == [6, 21]
+    assert guarded.ids[0, :6].tolist() == [10, 11, 12] * 2 and (guarded.ids[0, 6:] == PAD).all()
+    assert (guarded.logprobs[0, 6:] == 0).all() and guarded.logprobs[0, :6].abs().max() < 1e-3
+    assert torch.equal(guarded.ids[1, :21], plain.ids[1, :21])  # the answer that ends on its own is untouched
+    assert guarded_calls == 33 and plain_calls == 60  # decoding stopped when the loop showed, not at the cap
+    text = greedy_output(_Tok(), guarded)
+    assert text.looped == [True, False] and text.truncated == [True, False] and text.new_tokens == [6, 21]
+
+
+class _Tok:
+    def batch_decode(self, rows, **kwargs):
+        return [" ".join(map(str, r)) for r in rows]
+
+
+def test_decode_prompts_keeps_each_rows_loop_flag_across_batches(llama):
+    stop = 2
+    table = {40: 10, 10: 11, 11: 12, 12: 10, 41: 20, 20: stop}
+    hook = MarkovHook(llama, table, default=stop)
+    try:  # batches of one prompt each, longest prompt first: the results come back in prompt order
+        out = decode_prompts(llama, [[41], [5, 6, 40], [7, 41]], batch_size=1, max_new_tokens=50, stop_ids=[stop], pad_id=PAD,
+                             loop_guard=LoopGuard())
+    finally:
+        hook.remove()
+    assert out.looped.tolist() == [False, True, False] and out.lengths.tolist() == [2, 6, 2]

@@ -183,7 +183,7 @@ def test_api_import_lists_and_documents_in_order(lm, scripted):
     assert [[e.text for e in r.entities] for r in results] == [["Ann"], [], ["Bob"], ["Cy"]]
     assert results[1].chunks == 0 and results[1].to_json() == {
         "id": "b", "entities": [], "relations": [], "events": [], "unaligned": [], "chunks": 0, "truncated_answers": 0,
-        "cut_windows": 0, "below_threshold": 0, "windows": []}
+        "looped_answers": 0, "cut_windows": 0, "below_threshold": 0, "windows": []}
     single = ex.extract("Dee waved.", {"entities": ["person"]})
     # the scripted model puts all its mass on each token it writes: the unit's probability is 1
     assert single.entities[0].to_json() == {"text": "Dee", "type": "person", "start": 0, "end": 3, "score": 1.0}
@@ -260,7 +260,7 @@ def test_folder_jsonl_and_stdin_inputs(command, tmp_path, monkeypatch):
     assert [d["id"] for d in got] == ["a", "b"]
     assert got[0]["entities"] == [{"text": "Al", "type": "person", "start": 0, "end": 2, "score": 1.0}] and got[0]["chunks"] == 1
     assert got[1]["entities"] == [{"text": "Bea", "type": "person", "start": 0, "end": 3, "score": 1.0}]
-    assert set(got[0]) == {"id", "entities", "relations", "events", "unaligned", "chunks", "truncated_answers", "cut_windows",
+    assert set(got[0]) == {"id", "entities", "relations", "events", "unaligned", "chunks", "truncated_answers", "looped_answers", "cut_windows",
                            "below_threshold", "windows"}
 
     jsonl = tmp_path / "in.jsonl"
@@ -388,7 +388,7 @@ def test_empty_document_gives_an_empty_line(command, tmp_path):
     out = tmp_path / "out.jsonl"
     assert command("--input", doc, "--out", out)[0] == 0
     assert lines(out) == [{"id": "blank", "entities": [], "relations": [], "events": [], "unaligned": [], "chunks": 0,
-                           "truncated_answers": 0, "cut_windows": 0, "below_threshold": 0, "windows": []}]
+                           "truncated_answers": 0, "looped_answers": 0, "cut_windows": 0, "below_threshold": 0, "windows": []}]
 
 
 # ------------------------------------------------------------------------------------------ scores, threshold, truncation
@@ -457,3 +457,18 @@ def test_truncated_answers_and_cut_sentences_are_reported(lm, scripted):
     assert j["cut_windows"] == doc.chunks and j["truncated_answers"] == doc.chunks
     short = Extractor(model, tok, max_input_tokens=160, max_new_tokens=24).extract("Ann ran. Bob sat.", {"entities": ["person"]})
     assert short.cut_windows == 0
+
+
+def test_the_loop_guard_ends_a_repeating_answer_and_reports_it(lm, scripted):
+    model, tok = lm
+    scripted(lambda p: json.dumps({"person": "; ".join(["Zebulon Quartermaine"] * 40)}))
+    guarded = Extractor(model, tok, max_new_tokens=120).extract("Ann ran.", {"entities": ["person"]})
+    plain = Extractor(model, tok, max_new_tokens=120, loop_guard=False).extract("Ann ran.", {"entities": ["person"]})
+    (g,), (p,) = guarded.outputs, plain.outputs
+    assert (p.new_tokens, p.truncated, p.looped) == (120, True, False) and p.output.count("Zebulon") > 5
+    # guarded: ended once the name had come three times in a row, two copies of the repeat kept
+    assert g.truncated and g.looped and g.new_tokens < 70 and 2 <= g.output.count("Zebulon") <= 4
+    assert p.output.startswith(g.output)
+    assert (guarded.looped_answers, guarded.truncated_answers, plain.looped_answers) == (1, 1, 0)
+    assert guarded.windows[0].truncated_tasks == () and plain.windows[0].truncated_tasks == ("NER",)
+    assert guarded.to_json()["looped_answers"] == 1

@@ -18,7 +18,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _results() -> dict[str, EvalResult]:
     perfect = [(rec, render_target(rec, "concise"), False) for rec, _, _ in ROWS]
-    return {"zero_shot": EvalResult.score(ROWS, "strict", "test"), "cm": EvalResult.score(perfect, "strict", "test")}
+    looped = [(rec, out, cut, None, cut) for rec, out, cut in ROWS]  # the one cut answer was ended by the loop guard
+    return {"zero_shot": EvalResult.score(looped, "strict", "test"), "cm": EvalResult.score(perfect, "strict", "test")}
 
 
 def _infos() -> dict[str, dict]:
@@ -46,9 +47,10 @@ def test_f1_and_cost_tables_come_from_the_results():
     assert len(rows) == 5 + 5 + 1  # one data set per metric, five averages, the overall row
 
     headers, rows = cost_table(results, _infos())
-    assert headers[6:12] == ["cumulative s", "peak RSS MB", "overall F1", "parse failures", "hit the token cap", "blank answers"]
-    assert rows[0] == ["zero-shot", 0.0, 0, 0, 0, 5.0, 30.0, "-", 63.49, 5, 1, 2, 3]  # a stage.json without the figure
-    assert rows[1] == ["CM", 110.0, 12, 3456, 0, 6.5, 150.0, 2345, 100.0, 0, 0, 0, 1]
+    assert headers[6:13] == ["cumulative s", "peak RSS MB", "overall F1", "parse failures", "hit the token cap", "ended looping",
+                             "blank answers"]
+    assert rows[0] == ["zero-shot", 0.0, 0, 0, 0, 5.0, 30.0, "-", 63.49, 5, 0, 1, 2, 3]  # a stage.json without the figure
+    assert rows[1] == ["CM", 110.0, 12, 3456, 0, 6.5, 150.0, 2345, 100.0, 0, 0, 0, 0, 1]
 
 
 def test_each_plot_draws_what_it_is_given_or_nothing(tmp_path):
@@ -84,8 +86,8 @@ def test_make_plots_and_report_md_for_a_pipeline_folder(tmp_path):
     lines = md.splitlines()
     assert "| NER | A | 57.14 | 100.00 |" in lines
     assert "| overall | mean of task scores | 63.49 | 100.00 |" in lines
-    assert "| zero-shot | 0.0 | 0 | 0 | 0 | 5.0 | 30.0 | - | 63.5 | 5 | 1 | 2 | 3 |" in lines
-    assert "| CM | 110.0 | 12 | 3,456 | 0 | 6.5 | 150.0 | 2,345 | 100.0 | 0 | 0 | 0 | 1 |" in lines
+    assert "| zero-shot | 0.0 | 0 | 0 | 0 | 5.0 | 30.0 | - | 63.5 | 5 | 0 | 1 | 2 | 3 |" in lines
+    assert "| CM | 110.0 | 12 | 3,456 | 0 | 6.5 | 150.0 | 2,345 | 100.0 | 0 | 0 | 0 | 0 | 1 |" in lines
     assert lines[-3:] == ["![f1_by_stage](f1_by_stage.png)", "![training_loss](training_loss.png)", "![f1_vs_compute](f1_vs_compute.png)"]
 
 

@@ -74,7 +74,7 @@ def test_score_orders_predictions_and_fills_the_report():
     assert ner_a["f1"] == pytest.approx(57.1429, abs=1e-4)  # P 2/3, R 1/2
     assert result.task_scores == pytest.approx({"NER": 57.1429, "RE": 66.6667, "EE": 66.6667}, abs=1e-4)
     assert result.overall_f1 == pytest.approx((57.1429 + 2 * 66.6667) / 3, abs=1e-4)
-    assert list(result.report) == ["mode", "tasks", "overall_f1", "truncated_outputs", "n", "split"]
+    assert list(result.report) == ["mode", "tasks", "overall_f1", "truncated_outputs", "looped_outputs", "n", "split"]
     assert result.outputs()[("NER", "A", 3)] == "Di is a person."
     assert "split" not in EvalResult.score(ROWS).report  # validation results carry no split
 
@@ -90,6 +90,17 @@ def test_write_and_load_round_trip(tmp_path):
     (tmp_path / "run" / "predictions.jsonl").unlink()
     alone = EvalResult.load(tmp_path / "run")
     assert alone.report == result.report and alone.predictions == [] and alone.parse_failures == 5
+
+
+def test_answers_the_loop_guard_ended_are_counted_written_and_read_back(tmp_path):
+    rows = [(rec, out, cut, None, cut) for rec, out, cut in ROWS]  # the one cut answer was ended for looping
+    result = EvalResult.score(rows, "strict", "test")
+    assert (result.looped, result.truncated) == (1, 1) and EvalResult.score(ROWS).looped == 0
+    assert result.overall_f1 == EvalResult.score(ROWS).overall_f1  # the flag changes no score
+    preds, _ = result.write(tmp_path / "run")
+    lines = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines()]
+    assert [(x["index"], x["truncated"]) for x in lines if x.get("looped")] == [(1, True)]
+    assert EvalResult.load(tmp_path / "run") == result
 
 
 class _Module:
@@ -116,6 +127,7 @@ def test_generation_evaluator_keeps_the_test_result_it_writes(tmp_path, capsys):
     assert EvalResult.load(tmp_path) == result
     assert module.logged["test/parse_failure_rate"] == pytest.approx(5 / 9)
     assert module.logged["test/truncated_rate"] == pytest.approx(1 / 9)
+    assert module.logged["test/looped_rate"] == 0
     assert module.logged["test/f1"] == pytest.approx(result.overall_f1)
     assert module.logged["test/f1_NER"] == pytest.approx(57.1429, abs=1e-4)
     assert "wrote" in capsys.readouterr().out

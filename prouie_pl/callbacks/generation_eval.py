@@ -109,8 +109,9 @@ class GenerationEvaluator(L.Callback):
         if not outputs:
             return
         scores = outputs.get("unit_scores") or [None] * len(outputs["outputs"])
-        for rec, out, cut, sc in zip(outputs["records"], outputs["outputs"], outputs["truncated"], scores):
-            self._rows.append((rec, out, cut, sc))
+        looped = outputs.get("looped") or [False] * len(outputs["outputs"])
+        for rec, out, cut, sc, loop in zip(outputs["records"], outputs["outputs"], outputs["truncated"], scores, looped):
+            self._rows.append((rec, out, cut, sc, loop))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(outputs)
@@ -136,6 +137,7 @@ class GenerationEvaluator(L.Callback):
             pl_module.log(f"{prefix}/f1_{task}", float(f1), sync_dist=False)
         pl_module.log(f"{prefix}/parse_failure_rate", result.parse_failures / n, sync_dist=False)
         pl_module.log(f"{prefix}/truncated_rate", result.truncated / n, sync_dist=False)
+        pl_module.log(f"{prefix}/looped_rate", result.looped / n, sync_dist=False)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
