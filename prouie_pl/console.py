@@ -48,6 +48,10 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed as a dependency")
+    # GRPO steps its optimizer by hand; a checkpoint written after step N holds the weights, optimizer and loop
+    # position after step N, which is what resuming at step N + 1 needs.  Lightning's alternative (a
+    # ``saved_models`` dict of pre-step states on the module) would restore a state the loop has moved past.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
     if _INSTALLED:
         return
     _INSTALLED = True

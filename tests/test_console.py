@@ -31,6 +31,8 @@ def test_only_the_named_third_party_messages_are_dropped():
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning)
         warnings.warn("Starting from v1.9.0, `tensorboardX` has been removed as a dependency of the `lightning.pytorch` package")
+        warnings.warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state "
+                      "was saved. The checkpoint will contain the model state AFTER optimization.", UserWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
     from transformers.utils import logging as hf_logging

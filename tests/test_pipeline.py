@@ -77,6 +77,10 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
     assert re.search(r"\[prouie\] stage 2/4 CM: decoding the test split, batch \d+/\d+, .*~\d+:\d\d left in the run", printed)
     steps = [line.split(", ")[0] for line in printed.splitlines() if re.match(r"\[prouie\] stage \d/4 .*: step ", line)]
     assert len(steps) == len(set(steps))  # no step's line twice (the stage's end does not repeat the last one)
+    # each stage's last line counts its steps against the plan it made (curriculum phases differ in size)
+    for k in (2, 3, 4):
+        done, total = re.findall(rf"\[prouie\] stage {k}/4 [^:]+: step (\d+)/(\d+), ", printed)[-1]
+        assert done == total, (k, done, total)
     assert "[prouie] stage 1/4 zero-shot: decoding the test split" in printed
 
     # the reports got the evaluator's results in memory; the files written for people say the same

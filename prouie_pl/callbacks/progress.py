@@ -1,7 +1,8 @@
 """One progress line per pipeline stage, with an estimate of the time left for the whole run.
 
 Inside a stage the estimate is the stage's own pace (seconds per optimizer step so far times the steps left,
-from ``trainer.max_steps`` or ``trainer.estimated_stepping_batches``).  For the stages still to come it is the
+from the steps the stage planned: the data's own plan (curriculum phases differ in size), else ``trainer.max_steps``
+or ``trainer.estimated_stepping_batches``).  For the stages still to come it is the
 pipeline's ``expected_seconds`` (what each stage took on a reference machine, from the pipeline YAML) scaled by
 how fast this machine has been so far against the same reference (finished stages' seconds over their expected
 ones); without ``expected_seconds`` the line only says how many stages are left.  On a terminal the line is
@@ -47,6 +48,12 @@ class StageProgress(L.Callback):
         self._shown_step: Optional[int] = None  # the step of the last line printed
 
     def _total(self, trainer) -> Optional[int]:
+        plan = getattr(trainer.lightning_module, "schedule_steps", None)  # the data's own plan (see prouie_pl.wiring)
+        if callable(plan):
+            try:
+                return int(plan())
+            except Exception:  # a plan that cannot be made yet: the trainer's estimate below
+                pass
         if trainer.max_steps and trainer.max_steps > 0:
             return int(trainer.max_steps)
         try:
