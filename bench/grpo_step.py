@@ -13,7 +13,10 @@ Two measurements on one base model (``--model``: the tiny offline Llama or Gemma
   P prompts x G sampled completions each.  The split comes from the module's own timers (``last_step_stats``):
   ``generate`` (rollouts), ``reward`` (SFR rewards and advantages), ``reference`` (the no-grad reference pass, and
   the old-policy pass when ``num_iterations > 1``), ``policy`` (forward, backward and optimizer step of every pass)
-  and ``step`` (all of ``training_step``).
+  and ``step`` (all of ``training_step``).  ``--policy_prefix shared per_row`` adds a row per way the policy
+  pass runs the prompt (once per group, or once per completion as before), so the whole step is compared side by
+  side; ``--profile`` runs one more step of the first row under ``torch.profiler`` and lists the operators that
+  took the CPU's time.
 
 Completion tokens count each completion up to and including its stop token.  Process CPU time over wall time is
 recorded per step row, as a check on a machine other jobs share.
@@ -57,7 +60,7 @@ def data_options(args) -> dict:
     return {"data_dir": args.data_dir, "datasets": args.datasets}
 
 
-def module_for(args, adapter: str, beta: float, prefill: str):
+def module_for(args, adapter: str, beta: float, prefill: str, policy_prefix: str = "shared"):
     from prouie_pl.grpo import GRPOModule, RolloutSettings
     from prouie_pl.modeling import BaseModelSettings, LoRASettings
     from prouie_pl.uie_module import GenerationSettings
@@ -68,12 +71,14 @@ def module_for(args, adapter: str, beta: float, prefill: str):
         generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
         rollout=RolloutSettings(num_generations=args.generations, temperature=1.0, max_new_tokens=args.max_new_tokens,
                                 prefill=prefill),
-        advantage="stepwise", beta=beta, learning_rate=2e-4, warmup_steps=0,
+        advantage="stepwise", beta=beta, learning_rate=2e-4, warmup_steps=0, policy_prefix=policy_prefix,
+        micro_batch_size=args.micro_batch_size,
     )
 
 
-def run_grpo(adapter: str, beta: float, prefill: str, args) -> dict:
-    """Train ``warmup + steps`` GRPO steps; per-step stats of the measured steps."""
+def run_grpo(adapter: str, beta: float, prefill: str, args, policy_prefix: str = "shared", profile: bool = False) -> dict:
+    """Train ``warmup + steps`` GRPO steps; per-step stats of the measured steps.  With ``profile`` one more step
+    runs under ``torch.profiler`` and its busiest operators come back too (``profile``)."""
     import lightning as L
 
     from prouie_pl.datamodules import UIEDataModule
@@ -83,23 +88,45 @@ def run_grpo(adapter: str, beta: float, prefill: str, args) -> dict:
             self.steps: list[dict] = []
             self._cpu = 0.0
 
+            self.prof = None
+            self.table: list[list] = []
+
         def on_train_batch_start(self, trainer, pl_module, *a):
+            if profile and len(self.steps) == args.warmup + args.steps:
+                import torch.profiler as tp
+
+                self.prof = tp.profile(activities=[tp.ProfilerActivity.CPU], record_shapes=False)
+                self.prof.__enter__()
             self._cpu = time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, *a):
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                self.table = profile_rows(self.prof)
+                self.prof = None
+                return
             self.steps.append({**pl_module.last_step_stats, "cpu": time.process_time() - self._cpu})
 
     L.seed_everything(args.seed, verbose=False)
-    module = module_for(args, adapter, beta, prefill)
+    module = module_for(args, adapter, beta, prefill, policy_prefix)
     n_sets = len(args.datasets) if args.datasets else 3
-    per_dataset = -(-args.prompts * (args.warmup + args.steps) // n_sets) + 1  # enough prompts for one epoch
+    total = args.warmup + args.steps + int(profile)
+    per_dataset = -(-args.prompts * total // n_sets) + 1  # enough prompts for one epoch
     data = UIEDataModule(stage="de", sample_per_dataset=per_dataset, batch_size=args.prompts, max_val_records=0,
                          seed=args.seed, **data_options(args))
     collect = Collect()
-    fit_steps(module, data, args.warmup + args.steps, [collect])
+    fit_steps(module, data, total, [collect])
     measured = collect.steps[args.warmup:]
     assert len(measured) == args.steps, (len(collect.steps), args.warmup, args.steps)
-    return {"steps": measured, "reference_passes": module.reference_passes}
+    return {"steps": measured, "reference_passes": module.reference_passes, "profile": collect.table}
+
+
+def profile_rows(prof, top: int = 15) -> list[list]:
+    """The operators that took the most CPU time in one profiled step (self time, so nested calls count once)."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [[e.key, e.count, round(e.self_cpu_time_total / 1e6, 3), round(100 * e.self_cpu_time_total / total, 1)]
+            for e in events[:top]]
 
 
 def compare_rollouts(adapter: str, args) -> dict:
@@ -172,13 +199,13 @@ def rollout_rows(calls: dict) -> tuple[list[list], float]:
     return rows, rate["shared"] / rate["repeated"]
 
 
-def summary_row(prefill: str, beta: float, res: dict, completions: int) -> list:
+def summary_row(prefill: str, policy_prefix: str, beta: float, res: dict, completions: int) -> list:
     steps = res["steps"]
     mean = lambda key: statistics.fmean(s[key] for s in steps)  # noqa: E731
     tokens = sum(s["train/completion_length"] * completions for s in steps)
     wall = sum(s["time/step"] for s in steps)
     return [
-        prefill, beta, len(steps), mean("time/step"), mean("time/generate"), mean("time/reward"), mean("time/reference"),
+        prefill, policy_prefix, beta, len(steps), mean("time/step"), mean("time/generate"), mean("time/reward"), mean("time/reference"),
         mean("time/policy"), completions * len(steps) / wall, tokens / wall, 100 * mean("time/outside_generate_share"),
         100 * sum(s["time/reward"] for s in steps) / wall, mean("train/completion_length"),
         100 * mean("train/zero_spread_groups"), mean("train/reward"), sum(s["cpu"] for s in steps) / wall,
@@ -200,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", nargs="+", default=list(PREFILL_MODES), choices=PREFILL_MODES,
                     help="prefill modes of the step rows")
     ap.add_argument("--rollout_repeats", type=int, default=6, help="batches in the rollout comparison (0: none)")
+    ap.add_argument("--policy_prefix", nargs="+", default=["shared"], choices=("shared", "per_row"),
+                    help="the policy pass's prompt: once per group (shared) or once per completion (per_row); one step row each")
+    ap.add_argument("--micro_batch_size", type=int, default=None, help="completions per policy forward/backward (default: all)")
+    ap.add_argument("--profile", action="store_true", help="profile one more step of the first row (torch.profiler, CPU ops)")
     ap.add_argument("--adapter", default=None, help="adapter to start from (default: a short SFT warm-up, see above)")
     ap.add_argument("--sft_steps", type=int, default=30, help="steps of the default SFT warm-up")
     ap.add_argument("--seed", type=int, default=0)
@@ -225,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
                                              sample_per_dataset=16, **data_options(args)))
             t_sft = time.perf_counter() - t0
         calls = compare_rollouts(adapter, args) if args.rollout_repeats else None
-        results = {(p, beta): run_grpo(adapter, beta, p, args) for p in args.prefill for beta in args.betas}
+        results = {}
+        for p in args.prefill:
+            for pp in args.policy_prefix:
+                for beta in args.betas:
+                    results[(p, pp, beta)] = run_grpo(adapter, beta, p, args, pp, profile=args.profile and not results)
     total = time.perf_counter() - t_start
 
     completions = args.prompts * args.generations
@@ -252,16 +287,16 @@ def main(argv: list[str] | None = None) -> None:
             f"**Shared / repeated, rollout completions/s (ratio of medians): {ratio:.2f}x** "
             "(target on the real model at P=4, G=8: at least 1.5x).",
         ]
-    headers = ["prefill", "beta", "steps", "step s", "generate s", "reward s", "reference s", "policy s", "completions/s",
+    headers = ["prefill", "policy prompt", "beta", "steps", "step s", "generate s", "reward s", "reference s", "policy s", "completions/s",
                "completion tokens/s", "outside generate %", "reward % of step", "mean completion tokens",
                "zero-spread groups %", "mean reward", "CPU/wall"]
-    rows = [summary_row(p, beta, res, completions) for (p, beta), res in results.items()]
+    rows = [summary_row(p, pp, beta, res, completions) for (p, pp, beta), res in results.items()]
     detail = []
-    for (p, beta), res in results.items():
+    for (p, pp, beta), res in results.items():
         for i, s in enumerate(res["steps"]):
-            detail.append([p, beta, args.warmup + i + 1, s["time/step"], s["time/generate"], s["time/reward"], s["time/reference"],
+            detail.append([p, pp, beta, args.warmup + i + 1, s["time/step"], s["time/generate"], s["time/reward"], s["time/reference"],
                            s["time/policy"], s["train/completion_length"], s["train/reward"]])
-    reward_shares = [r[11] for r in rows]
+    reward_shares = [r[12] for r in rows]
     parts += [
         "", "## GRPO steps: where the time goes", "",
         f"{args.warmup} untimed step(s), then the mean of {args.steps} measured steps per row; times are seconds per step "
@@ -273,13 +308,27 @@ def main(argv: list[str] | None = None) -> None:
         f"({'below' if max(reward_shares) < 5 else 'NOT below'} the 5 % target). "
         "`outside generate %` is the share of `training_step` not spent in rollouts; `reference s` is 0 "
         "with beta = 0 (no reference pass: "
-        + ", ".join(f"{p} prefill, beta {b}: {res['reference_passes']} reference passes" for (p, b), res in results.items()) + ").",
+        + ", ".join(f"{p} prefill, {pp} policy prompt, beta {b}: {res['reference_passes']} reference passes"
+                    for (p, pp, b), res in results.items()) + ").",
         "",
         "### Every measured step",
         "",
-        markdown_table(["prefill", "beta", "step", "step s", "generate s", "reward s", "reference s", "policy s",
+        markdown_table(["prefill", "policy prompt", "beta", "step", "step s", "generate s", "reward s", "reference s", "policy s",
                         "mean completion tokens", "mean reward"], detail),
     ]
+    by_prefix = {pp: [r for r in rows if r[1] == pp] for pp in args.policy_prefix}
+    if len(by_prefix) == 2 and all(by_prefix.values()):
+        a, b = statistics.fmean(r[4] for r in by_prefix["per_row"]), statistics.fmean(r[4] for r in by_prefix["shared"])
+        pa, pb = statistics.fmean(r[8] for r in by_prefix["per_row"]), statistics.fmean(r[8] for r in by_prefix["shared"])
+        parts += ["", f"**Policy prompt once per group against once per completion, side by side: step {a:.2f} s -> {b:.2f} s "
+                      f"({a / b:.2f}x), policy pass {pa:.2f} s -> {pb:.2f} s ({pa / pb:.2f}x).**"]
+    first = next(iter(results.values()))
+    if first["profile"]:
+        (p, pp, beta) = next(iter(results))
+        parts += ["", f"## One more step under the profiler ({p} prefill, {pp} policy prompt, beta {beta})", "",
+                  "CPU operators by self time (time inside the operator itself, not in what it calls); the profiler "
+                  "slows the step, so shares matter, not seconds.", "",
+                  markdown_table(["operator", "calls", "self CPU s", "% of profiled self time"], first["profile"])]
     where = "tiny model" if tiny else args.model
     write_result("grpo_step.md", f"GRPO step time split and rollout prefill ({where}, CPU)", "\n".join(parts), args.out, keep_notes=True)
 

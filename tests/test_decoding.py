@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from prouie_pl.decoding import (ENGINES, Completions, LoopGuard, Sampling, completion_mask, decode_batch, decode_prompts,
-                                greedy_output, iter_decode, left_pad, length_batches, prefill_shared_cache)
+                                draw_tokens, greedy_output, iter_decode, left_pad, length_batches, prefill_shared_cache)
 from training_helpers import single_thread, tiny_gemma3
 
 PAD = 0
@@ -345,6 +345,21 @@ def test_the_loop_samples_from_generates_distribution_after_rows_have_left(llama
         counts = torch.bincount(going[:, 1], minlength=vocab).double()
         assert counts[expected == 0].sum() == 0, "sampled a token top-p removes"
         assert chi_square_p(counts, expected) > 1e-3
+
+
+def test_draw_tokens_samples_each_rows_distribution_and_never_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1e-3, 0.0, 0.0, 0.999, 0.0]])
+    torch.manual_seed(0)
+    draws = torch.stack([draw_tokens(probs) for _ in range(20_000)])  # [draws, rows]
+    counts = torch.stack([torch.bincount(draws[:, r], minlength=5) for r in range(3)]).double()
+    assert (counts[probs == 0] == 0).all()
+    assert (draws[:, 1] == 4).all()
+    assert chi_square_p(counts[0], probs[0].double() * 20_000) > 1e-3
+    assert 5 <= counts[2, 0] <= 40  # 1e-3 of 20,000: 20 expected; the rare token still comes up
+    torch.manual_seed(1)
+    first = draw_tokens(probs)
+    torch.manual_seed(1)
+    assert torch.equal(first, draw_tokens(probs))  # the global generator decides, as for torch.multinomial
 
 
 def test_under_a_logits_processor_every_row_stays_to_the_end(llama):
