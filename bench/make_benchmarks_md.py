@@ -41,9 +41,11 @@ non-padding tokens per second (the work that counts), by wall clock and by proce
 Rollouts with each prompt prefilled once (its KV cache repeated for its G completions) against prompts repeated G
 times, on the same batches; then seconds per `GRPOModule` step, per prefill mode, split by the module's own timers
 into rollouts (`generate`), SFR rewards and advantages (`reward`), the no-grad reference pass (`reference`, only
-with beta > 0) and forward, backward and optimizer step (`policy`). `--model gemma-3-270m` runs it on the real
-model and the real IE prompts. The targets: a reward share below 5 % of a step, and at least 1.5x rollout
-completions/s from the shared prefill on the real model at P=4, G=8."""),
+with beta > 0) and forward, backward and optimizer step (`policy`). `--policy_prefix shared per_row` times whole
+steps with the policy pass computing each prompt once per group against once per completion; `--profile` lists the
+CPU operators of one more step. `--model gemma-3-270m` runs it on the real model and the real IE prompts. The
+targets: a reward share below 5 % of a step, at least 1.5x rollout completions/s from the shared prefill, and a
+whole step at P=4, G=8 at most 1/2.5 of the 48.6 s it took before the prompt was shared in training."""),
     ("shared_prefix_gemma-3-270m", "Prompts computed once in training", "python bench/shared_prefix.py --model gemma-3-270m", """\
 The GRPO policy pass (forward and backward), the no-grad reference pass and an SFT step, each with the prompt (or the
 prompt head a batch shares) run once against the per-row path, on the same inputs, alternating; speed-up of the
@@ -77,6 +79,10 @@ what each stage cost (seconds, steps, tokens, GRPO completions). The script's do
 sentences decoded by one SFT adapter: reliability tables and expected calibration error per task (three scoring
 rules, raw and after a per-task temperature fitted on dev), the threshold chosen on dev and what it does to test
 precision and recall, and what recording the token probabilities costs against plain decoding."""),
+    ("loop_guard_gemma-3-270m", "The loop guard on real answers (Gemma 3 270M tokenizer)",
+     "python bench/loop_guard.py --predictions RUN_FOLDERS --test-data DATA", """How often the guard that ends self-repeating answers would end a gold training answer (it should not), and what it
+changes in saved test predictions decoded without it: answers ended, tokens saved, F1 and parse failures both
+ways."""),
     ("memory_gemma-3-270m", "Where the resident memory goes (Gemma 3 270M)",
      "python bench/memory.py --model gemma-3-270m --data_dir demo_real --max_new_tokens 240 --micro_batch 8", """\
 Resident memory at the start, peak and end of each phase a pipeline stage goes through on the 2-core CPU: loading,
