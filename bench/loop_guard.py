@@ -50,10 +50,11 @@ def prediction_rows(tok, guard, folder: Path, records) -> tuple[list, list]:
     lines = [json.loads(x) for x in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
     by_key = {(r.task, r.dataset, r.index): r for r in records}
     plain, guarded, examples = [], [], []
-    ended = ended_at_cap = saved = 0
+    ended = ended_at_cap = saved = total = 0
     for p in lines:
         rec = by_key[(p["task"], p["dataset"], p["index"])]
         ids = tok(p["output"], add_special_tokens=False)["input_ids"]
+        total += len(ids)
         hit = guard.first_loop(ids)
         plain.append((rec, p["output"], p.get("truncated", False)))
         if hit is None:
@@ -69,7 +70,6 @@ def prediction_rows(tok, guard, folder: Path, records) -> tuple[list, list]:
             examples.append(f"{folder.name} {rec.dataset} #{rec.index}: {len(ids)} tokens, ended at {step}, kept {kept}: "
                             f"`{text[-120:]}`")
     a, b = EvalResult.score(plain), EvalResult.score(guarded)
-    total = sum(len(tok(p["output"], add_special_tokens=False)["input_ids"]) for p in lines)
     row = [folder.name, len(lines), a.truncated, ended, ended_at_cap, saved, f"{100 * saved / max(1, total):.1f}",
            round(a.overall_f1, 2), round(b.overall_f1, 2), a.parse_failures, b.parse_failures]
     return row, examples

@@ -176,8 +176,7 @@ class UIEModule(L.LightningModule):
         records = batch["records"].items
         scored = scores and self.generation_settings.unit_scores
         out = self.generate_answers(batch["input_ids"], batch["attention_mask"], records=records, with_logprobs=scored)
-        step = {"records": records, "outputs": out.texts, "truncated": out.truncated,
-                "looped": out.looped or [False] * len(out.texts)}
+        step = {"records": records, "outputs": out.texts, "truncated": out.truncated, "looped": out.looped}
         if scored and out.token_logprobs is not None:
             from .confidence import score_answer
 
