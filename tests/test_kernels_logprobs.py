@@ -286,6 +286,29 @@ def test_default_chunk_rows_rule():
         assert chunk * vocab * 4 <= reference.CHUNK_BUDGET_BYTES
     assert reference.default_chunk_rows(2048, 32000) == 256  # an eighth of the rows
     assert reference.default_chunk_rows(16384, 128256) == 512  # limited by the memory budget, multiple of 16
+    # on a CPU the budget is smaller: 64 rows of a 262k vocabulary (Gemma 3) instead of 256
+    assert reference.default_chunk_rows(3072, 262144, reference.CPU_CHUNK_BUDGET_BYTES) == 64
+    assert reference.default_chunk_rows(3072, 262144) == 256
+
+
+def test_cpu_tensors_are_chunked_under_the_cpu_budget(monkeypatch):
+    seen = []
+    chunk_logits = reference._chunk_logits
+
+    def recorded(hidden, weight, bias):
+        seen.append(hidden.shape[0])
+        return chunk_logits(hidden, weight, bias)
+
+    monkeypatch.setattr(reference, "_chunk_logits", recorded)
+    monkeypatch.setattr(reference, "CPU_CHUNK_BUDGET_BYTES", 3 * 50 * 4)  # three rows of 50 float32 logits
+    gen = torch.Generator().manual_seed(8)
+    hidden, weight = torch.randn(40, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    targets = torch.randint(0, 50, (40,), generator=gen)
+    with torch.no_grad():
+        out = linear_token_logprobs(hidden, weight, targets, backend="torch")
+    assert seen == [3] * 13 + [1]
+    naive = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    assert_close(out, naive, 1e-5, "chunked vs naive logprobs")
 
 
 def test_linear_token_logprobs_rejects_bad_arguments():

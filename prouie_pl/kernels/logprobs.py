@@ -222,8 +222,9 @@ def linear_token_logprobs(
 
     ``hidden``: [N, H] or [B, T, H]; ``weight``: [V, H]; ``bias``: [V] or None. ``hidden`` and ``bias`` are cast
     to ``weight.dtype``. ``chunk_size`` is the number of rows whose logits exist at once (default: at most 1/8 of
-    the rows and at most ``reference.CHUNK_BUDGET_BYTES`` of float32 logits). Gradients flow to ``hidden`` and, only
-    when they require grad, to ``weight`` and ``bias`` (a frozen head skips the weight-gradient matmul).
+    the rows and at most ``reference.CHUNK_BUDGET_BYTES`` of float32 logits, ``CPU_CHUNK_BUDGET_BYTES`` on a
+    CPU). Gradients flow to ``hidden`` and, only when they require grad, to ``weight`` and ``bias`` (a frozen head
+    skips the weight-gradient matmul).
     """
     if hidden.dim() not in (2, 3) or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(

@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "ADVANTAGE_SCALES",
     "CHUNK_BUDGET_BYTES",
+    "CPU_CHUNK_BUDGET_BYTES",
     "IGNORE_INDEX",
     "LOSS_TYPES",
     "RowOps",
@@ -46,8 +47,11 @@ __all__ = [
 IGNORE_INDEX = -100
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
-# Largest chunk of logits (counted as float32) that linear_token_logprobs materialises at once.
+# Largest chunk of logits (counted as float32) that linear_token_logprobs materialises at once on an accelerator,
+# and on a CPU, where the chunk's float32 copies and softmax temporaries (three or four of them) add to the resident
+# set: 64 MB keeps that under about 300 MB, and chunks of 64 rows of a 262k vocabulary still run the matmul at speed.
 CHUNK_BUDGET_BYTES = 256 * 2**20
+CPU_CHUNK_BUDGET_BYTES = 64 * 2**20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,7 +85,9 @@ class RowOps(NamedTuple):
 
 
 def _torch_rows_forward(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    x = logits.to(compute_dtype(logits.dtype)) / temperature
+    x = logits.to(compute_dtype(logits.dtype))
+    if temperature != 1.0:  # a copy of the chunk only where it changes anything
+        x = x.div_(temperature) if x is not logits else x / temperature
     ignored = targets == IGNORE_INDEX
     lse = torch.logsumexp(x, dim=-1)
     target_logit = x.gather(1, targets.masked_fill(ignored, 0).unsqueeze(1)).squeeze(1)
@@ -101,10 +107,10 @@ def _torch_rows_backward(logits: Tensor, targets: Tensor, lse: Tensor, grad: Ten
 TORCH_ROW_OPS = RowOps(_torch_rows_forward, _torch_rows_backward)
 
 
-def default_chunk_rows(n_rows: int, vocab: int) -> int:
-    """Rows per chunk: at most 1/8 of the rows and at most ``CHUNK_BUDGET_BYTES`` of float32 logits."""
+def default_chunk_rows(n_rows: int, vocab: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Rows per chunk: at most 1/8 of the rows and at most ``budget_bytes`` of float32 logits."""
     by_fraction = math.ceil(n_rows / 8)
-    by_budget = max(1, CHUNK_BUDGET_BYTES // (4 * max(vocab, 1)))
+    by_budget = max(1, budget_bytes // (4 * max(vocab, 1)))
     rows = min(by_fraction, by_budget)
     if rows > 64:  # a multiple of 16 keeps the chunk matmuls on tensor-core friendly shapes
         rows -= rows % 16
@@ -212,7 +218,8 @@ def chunked_linear_token_logprobs(
     targets1d = targets.reshape(-1).to(torch.long)
     if bias is not None:
         bias = bias.to(weight.dtype)
-    chunk_rows = chunk_size if chunk_size is not None else default_chunk_rows(hidden2d.shape[0], weight.shape[0])
+    budget = CPU_CHUNK_BUDGET_BYTES if hidden2d.device.type == "cpu" else CHUNK_BUDGET_BYTES
+    chunk_rows = chunk_size if chunk_size is not None else default_chunk_rows(hidden2d.shape[0], weight.shape[0], budget)
     # Decided here: inside Function.forward grad mode is off and requires_grad no longer tells what backward needs.
     frozen_head = (
         torch.is_grad_enabled()
