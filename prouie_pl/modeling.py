@@ -307,6 +307,15 @@ def decoder_and_head(model):
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
+def checkpointing_active(model) -> bool:
+    """True where a forward pass now would checkpoint its layers (gradients on, a layer in train mode with
+    gradient checkpointing enabled).  transformers then drops the KV cache inside those layers, so a pass that
+    hands a cache from one decoder call to the next (:mod:`prouie_pl.shared_prefix`) cannot run."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
+
+
 def base_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if "lora_" not in n}
 

@@ -21,6 +21,12 @@ configs).
 
 Both functions return exactly what their per-row counterparts (:func:`prouie_pl.grpo.logprobs.completion_logprobs`,
 :func:`prouie_pl.sft.answer_nll`) return, so a switch picks either path.
+
+Gradient checkpointing (``base.gradient_checkpointing``, the QLoRA configs) and a shared prefix exclude each other:
+transformers drops the KV cache inside checkpointed layers, since replaying a layer in the backward pass would
+write its keys and values to the cache a second time.  With gradients on and checkpointing active, both functions
+run the per-row path (checkpointing keeps its memory saving; the prompt is computed once per row) and say so
+once; without gradients (reference and old-policy passes) nothing is checkpointed and the prefix is shared.
 """
 
 from __future__ import annotations
@@ -32,10 +38,23 @@ import torch
 from .decoding import _cache_keyword, drop_padding_columns, output_cache
 from .kernels import linear_token_logprobs
 from .kernels.reference import IGNORE_INDEX
-from .modeling import decoder_and_head
+from .modeling import checkpointing_active, decoder_and_head
 
 # a shared SFT head shorter than this is not worth a second decoder call
 MIN_SHARED_HEAD = 8
+_told_checkpointing = False
+
+
+def _per_row_under_checkpointing(model) -> bool:
+    """True (and a note, once per process) where gradient checkpointing rules the shared prefix out."""
+    global _told_checkpointing
+    if not checkpointing_active(model):
+        return False
+    if not _told_checkpointing:
+        _told_checkpointing = True
+        print("[prouie] gradient checkpointing is on: passes with gradients compute each row's prompt itself "
+              "(a shared prefix needs the KV cache that checkpointed layers drop)", flush=True)
+    return True
 
 
 def prefix_cache(decoder, ids: torch.Tensor, mask: Optional[torch.Tensor], position_ids: torch.Tensor, rows: torch.Tensor):
@@ -63,7 +82,7 @@ def grouped_completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: to
     full_mask = torch.cat([prompt_mask[owner], completion_mask], dim=1)
     # positions as generation saw them: left padding does not advance the position
     positions = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
-    if p < 2:  # nothing to share
+    if p < 2 or _per_row_under_checkpointing(model):  # nothing to share, or no cache to share it through
         from .grpo.logprobs import completion_logprobs
 
         return completion_logprobs(model, prompt_ids[owner], prompt_mask[owner], completion_ids, completion_mask, temperature)
@@ -109,7 +128,7 @@ def answer_nll_shared_head(model, input_ids: torch.Tensor, attention_mask: torch
     from .sft import answer_nll
 
     h = shared_head_length(input_ids, attention_mask, labels)
-    if h < max(min_head, 1):
+    if h < max(min_head, 1) or _per_row_under_checkpointing(model):
         return answer_nll(model, input_ids, attention_mask, labels)
     decoder, head = decoder_and_head(model)
     n, width = input_ids.shape

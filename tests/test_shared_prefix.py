@@ -357,3 +357,46 @@ def test_cm_run_with_shared_heads_follows_the_per_row_loss_curve(tmp_path, monke
         assert abs(a - b) <= 1e-4 * abs(b)
     for name in want_params:
         torch.testing.assert_close(got_params[name], want_params[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.fixture()
+def checkpointed_llama(llama):
+    """The LoRA Llama with gradient checkpointing on (as the QLoRA configs set it), off again afterwards."""
+    llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llama.train()
+    yield llama
+    llama.gradient_checkpointing_disable()
+    llama.train()
+
+
+def counted_prefix_caches(monkeypatch) -> list:
+    calls = []
+    real = shared_prefix.prefix_cache
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shared_prefix, "prefix_cache", counted)
+    return calls
+
+
+def test_gradient_checkpointing_runs_the_per_row_path_with_gradients(checkpointed_llama, monkeypatch):
+    """transformers drops the KV cache inside checkpointed layers: with gradients the shared-prefix functions
+    must take the per-row path (before, the policy pass raised 'returned no KV cache'), and still give the
+    per-row values and gradients; without gradients nothing is checkpointed and the prefix is shared."""
+    calls = counted_prefix_caches(monkeypatch)
+    want, got, want_grads, got_grads, cmask = per_row_and_shared(checkpointed_llama, temperature=0.7)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL_LP)
+    assert_same_grads(got_grads, want_grads)
+    ids, mask, labels = sft_batch(checkpointed_llama.config.vocab_size)
+    want_nll, n_want = answer_nll(checkpointed_llama, ids, mask, labels)
+    got_nll, n_got = answer_nll_shared_head(checkpointed_llama, ids, mask, labels)
+    assert n_got == n_want and abs(float(got_nll) - float(want_nll)) < 1e-4 * float(want_nll)
+    assert calls == []  # neither function shared a prefix with gradients on
+    ids, mask, owner, comp, cmask, _ = group_batch(checkpointed_llama.config.vocab_size)
+    with torch.no_grad():
+        shared = grouped_completion_logprobs(checkpointed_llama, ids, mask, owner, comp, cmask)
+        per_row = completion_logprobs(checkpointed_llama, ids[owner], mask[owner], comp, cmask)
+    assert calls == [False]  # the no-grad pass shares its prefix
+    torch.testing.assert_close(shared, per_row, rtol=0, atol=ATOL_LP)
