@@ -87,6 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no_trim", action="store_true", help="keep the freed heap pages after each SFT step")
+    ap.add_argument("--cpu_chunk_mb", type=int, default=None,
+                    help="LM-head logits per chunk on a CPU, MB as float32 (default: the package's CPU budget)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -122,6 +124,10 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    import prouie_pl.kernels.reference as kernel_reference
+
+    if args.cpu_chunk_mb:
+        kernel_reference.CPU_CHUNK_BUDGET_BYTES = args.cpu_chunk_mb * 2**20
 
     def load():
         tok = load_tokenizer(args.model)
@@ -202,7 +208,8 @@ def main(argv=None) -> None:
     params = sum(p.numel() for p in model.parameters())
     body = (f"Model {args.model} ({params / 1e6:.0f}M parameters with the adapter), base dtype {args.dtype or 'auto'} for "
             f"training, float32 for decoding and DE; {machine_line()}; torch threads {args.threads or 'default'}; SFT "
-            f"{'shared head' if args.shared_head else 'per row'}, batch {args.sft_batch}, heap {'kept' if args.no_trim else 'trimmed'} after each step; data {args.data_dir or 'tiny demo'}.\n\n"
+            f"{'shared head' if args.shared_head else 'per row'}, batch {args.sft_batch}, LM-head chunks of "
+            f"{kernel_reference.CPU_CHUNK_BUDGET_BYTES // 2**20} MB on the CPU, heap {'kept' if args.no_trim else 'trimmed'} after each step; data {args.data_dir or 'tiny demo'}.\n\n"
             f"{table}\n\nPeak over the whole run: {max(r['peak'] for r in phases.rows):.0f} MB.\n")
     print(body)
     name = f"memory_{args.model}.md" if args.model != "tiny" else "memory.md"
