@@ -87,6 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no_trim", action="store_true", help="keep the freed heap pages after each SFT step")
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="recompute each layer's activations in backward (base.gradient_checkpointing)")
     ap.add_argument("--cpu_chunk_mb", type=int, default=None,
                     help="LM-head logits per chunk on a CPU, MB as float32 (default: the package's CPU budget)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes")
@@ -131,7 +133,8 @@ def main(argv=None) -> None:
 
     def load():
         tok = load_tokenizer(args.model)
-        model = load_model(BaseModelSettings(name_or_path=args.model, dtype=args.dtype or "auto"), LoRASettings(dropout=0.0))
+        model = load_model(BaseModelSettings(name_or_path=args.model, dtype=args.dtype or "auto",
+                                             gradient_checkpointing=args.gradient_checkpointing), LoRASettings(dropout=0.0))
         model.train()
         return tok, model
 
@@ -208,7 +211,8 @@ def main(argv=None) -> None:
     params = sum(p.numel() for p in model.parameters())
     body = (f"Model {args.model} ({params / 1e6:.0f}M parameters with the adapter), base dtype {args.dtype or 'auto'} for "
             f"training, float32 for decoding and DE; {machine_line()}; torch threads {args.threads or 'default'}; SFT "
-            f"{'shared head' if args.shared_head else 'per row'}, batch {args.sft_batch}, LM-head chunks of "
+            f"{'shared head' if args.shared_head else 'per row'}, batch {args.sft_batch}"
+            f"{', gradient checkpointing' if args.gradient_checkpointing else ''}, LM-head chunks of "
             f"{kernel_reference.CPU_CHUNK_BUDGET_BYTES // 2**20} MB on the CPU, heap {'kept' if args.no_trim else 'trimmed'} after each step; data {args.data_dir or 'tiny demo'}.\n\n"
             f"{table}\n\nPeak over the whole run: {max(r['peak'] for r in phases.rows):.0f} MB.\n")
     print(body)
