@@ -49,7 +49,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 # Largest chunk of logits (counted as float32) that linear_token_logprobs materialises at once on an accelerator,
 # and on a CPU, where the chunk's float32 copies and softmax temporaries (three or four of them) add to the resident
-# set.  Measured on Gemma 3 270M (bench/memory.py --cpu_chunk_mb 256 against 64): peaks 50-70 MB lower for an SFT
+# set.  Measured on Gemma 3 270M (bench/memory.py --cpu_chunk_mb 256 against 64): peaks up to 60 MB lower for an SFT
 # micro-batch of 4 and a GRPO policy pass (the activations kept for backward, not the chunk, set the peak), and
 # chunks of 64 rows of a 262k vocabulary were no slower.
 CHUNK_BUDGET_BYTES = 256 * 2**20
