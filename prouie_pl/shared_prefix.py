@@ -52,8 +52,10 @@ def _per_row_under_checkpointing(model) -> bool:
         return False
     if not _told_checkpointing:
         _told_checkpointing = True
-        print("[prouie] gradient checkpointing is on: passes with gradients compute each row's prompt itself "
-              "(a shared prefix needs the KV cache that checkpointed layers drop)", flush=True)
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info("[prouie] gradient checkpointing is on: passes with gradients compute each row's prompt "
+                       "itself (a shared prefix needs the KV cache that checkpointed layers drop)")
     return True
 
 
@@ -78,14 +80,14 @@ def grouped_completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: to
     per completion (the last prompt token's hidden state predicts the first completion token)."""
     prompt_ids, prompt_mask = drop_padding_columns(prompt_ids, prompt_mask)
     p = prompt_ids.shape[1]
-    decoder, head = decoder_and_head(model)
-    full_mask = torch.cat([prompt_mask[owner], completion_mask], dim=1)
-    # positions as generation saw them: left padding does not advance the position
-    positions = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
     if p < 2 or _per_row_under_checkpointing(model):  # nothing to share, or no cache to share it through
         from .grpo.logprobs import completion_logprobs
 
         return completion_logprobs(model, prompt_ids[owner], prompt_mask[owner], completion_ids, completion_mask, temperature)
+    decoder, head = decoder_and_head(model)
+    full_mask = torch.cat([prompt_mask[owner], completion_mask], dim=1)
+    # positions as generation saw them: left padding does not advance the position
+    positions = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
     head_mask = prompt_mask[:, :-1]
     cache = prefix_cache(decoder, prompt_ids[:, :-1], head_mask, (head_mask.cumsum(dim=1) - 1).clamp(min=0), owner)
     # inputs whose hidden states predict the completion: the last prompt token and every completion token but the last
