@@ -56,7 +56,7 @@ HEADLINE = ("NER", "RE_strict", "EE_trigger", "EE_argument")
 CONFIG_OF = {"mixed": "cm", "cm": "cm", "sa": "sa", "de": "de"}
 PRESETS = {  # full run / --quick
     "cm_unit": (50, 1), "sa_epochs": (2, 1), "de_steps": (30, 2), "train": (300, 32), "dev": (16, 3), "test": (200, 6),
-    "sa_per_dataset": (100, 8), "max_new_tokens_full": (352, 48), "max_new_tokens_concise": (160, 32), "threads": (2, 1)}
+    "sa_per_dataset": (300, 8), "max_new_tokens_full": (352, 48), "max_new_tokens_concise": (160, 32), "threads": (2, 1)}
 CALLBACKS = [{"class_path": "prouie_pl.callbacks.AdapterExport", "init_args": {"monitor": None}},
              {"class_path": "prouie_pl.callbacks.GenerationEvaluator", "init_args": {"sample_rows": 0}},
              {"class_path": "prouie_pl.callbacks.CurriculumCallback"}]
@@ -108,13 +108,15 @@ def stage_options(s: Stage, args, seed: int, mixed_seconds: Optional[float] = No
                   "trainer.limit_val_batches": 1.0, "trainer.check_val_every_n_epoch": 2,
                   "trainer.num_sanity_val_steps": 0})
     elif s.kind == "sa":
-        o.update({"data.sample_per_dataset": args.sa_per_dataset, "trainer.max_epochs": args.sa_epochs, "trainer.max_steps": -1})
+        o.update({"data.sample_per_dataset": args.sa_per_dataset, "trainer.max_epochs": args.sa_epochs, "trainer.max_steps": -1,
+                  "data.target_format": args.concise_format})
     elif s.kind == "de":
         o.update({"data.sample_per_dataset": min(args.train, 64), "trainer.max_steps": args.de_steps, "trainer.max_epochs": -1,
+                  "data.target_format": args.concise_format,
                   "trainer.val_check_interval": None, "trainer.check_val_every_n_epoch": None})
     else:
         seconds = max(1, int(round(mixed_seconds)))
-        o.update({"data.schedule": "mixed", "data.epochs_per_phase": 1, "data.target_format": "concise",
+        o.update({"data.schedule": "mixed", "data.epochs_per_phase": 1, "data.target_format": args.concise_format,
                   "trainer.max_time": f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
                   "trainer.max_epochs": -1, "trainer.max_steps": 100_000})
     return o
@@ -277,6 +279,8 @@ def parse_args(argv: list[str]):
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budget and data")
     for k, (full, quick) in PRESETS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {full} ({quick} with --quick)")
+    ap.add_argument("--concise-format", choices=("concise", "keyed"), default="concise",
+                    help="the answer format of SA, DE and mixed SFT (keyed: concise values, every label kept as a key)")
     ap.add_argument("--datasets", nargs="+", default=["NER/CoNLL2003", "RE/CoNLL2004", "EE/PHEE"])
     ap.add_argument("--data", default=str(SHARED_DATA), help="real data root (IE INSTRUCTIONS layout)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (the data sample stays fixed)")

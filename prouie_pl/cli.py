@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from jsonargparse import ActionYesNo
 
+from .formats import FORMATS
 from .gemma_base import MissingModelPackage
 from .reader import ON_ERROR, SPLITS, DataError, LoadReport
 
@@ -204,7 +205,7 @@ def build_parser():
 
     p = _parser("render")
     _add_selection(p)
-    p.add_argument("--format", type=str, required=True, choices=("full", "concise"))
+    p.add_argument("--format", type=str, required=True, choices=FORMATS)
     p.add_argument("--out", type=str, required=True, help="output JSONL file")
     p.add_argument("--shuffle_labels", action=ActionYesNo, default=False, help="shuffle the label order of each prompt (as in training)")
     p.add_argument("--seed", type=int, default=0)
@@ -242,7 +243,7 @@ def build_parser():
     p.add_argument("--resume", action=ActionYesNo, default=False, help="skip the documents whose ids are already in --out and append the others")
     p.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace a non-empty --out")
     p.add_argument("--constrained", action=ActionYesNo, default=False, help="schema-constrained decoding: only schema keys and spans copied from the text")
-    p.add_argument("--format", type=str, default="concise", choices=("concise", "full"), help="answer format the model writes (concise: SA and DE stages)")
+    p.add_argument("--format", type=str, default="concise", choices=FORMATS, help="answer format the model writes (concise: SA and DE stages; full: CM; keyed: a model trained on it)")
     p.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--max_input_tokens", type=int, default=512, help="prompt tokens per window (instruction, schema and text)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="answer tokens per window")

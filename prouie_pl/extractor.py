@@ -443,7 +443,7 @@ class Extractor:
         max_new_tokens: cap on answer tokens per window.
         batch_size: prompts decoded together.
         constrained: decode under the schema constraint (concise format only; see :mod:`prouie_pl.constrained`).
-        target_format: the answer format the model was trained to write, ``concise`` (SA, DE) or ``full`` (CM).
+        target_format: the answer format the model was trained to write, ``concise`` (SA, DE), ``full`` (CM) or ``keyed``.
         threshold: keep only the units scored above it (0, the default, keeps all; :mod:`prouie_pl.confidence`).
         scores: score every unit (the ``score`` of each mention); off, mentions carry none and decoding skips
             the log-probabilities.

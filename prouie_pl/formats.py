@@ -12,6 +12,11 @@ Two target formats, both JSON objects keyed by label:
   one type become a list of such strings).  A value that the compact syntax cannot carry unambiguously (a name
   holding ``;``, a trigger holding ``:``, ...) is written in the structured form of the full format instead,
   so every gold record survives render -> parse unchanged.
+* ``keyed``: the concise values with every label of the schema kept as a key, ``""`` when it has nothing
+  (NER ``{"location": "", "person": "John; Mary"}``).  The label decision then stays where the full format
+  teaches it (after each key, in schema order) instead of moving to a free choice of the next key, and the
+  answer is still far shorter than the full one where the full one spends its length (empty event roles,
+  ``{"head": ..., "tail": ...}`` objects).
 
 The splitting helpers here are shared with :mod:`prouie_pl.parser`, so renderer and parser agree by construction.
 """
@@ -24,7 +29,7 @@ from typing import Optional, Sequence
 
 from .schema import LabelSchema, Record
 
-FORMATS: tuple[str, ...] = ("full", "concise")
+FORMATS: tuple[str, ...] = ("full", "concise", "keyed")
 
 ITEM_SEP = "; "
 ARROW = " -> "
@@ -134,7 +139,7 @@ def target_object(record: Record, fmt: str, schema: Optional[LabelSchema] = None
     """The target as a Python object (``json.dumps`` of it is the training target)."""
     check_format(fmt)
     schema = schema or record.schema
-    full = fmt == "full"
+    full, keyed = fmt == "full", fmt == "keyed"
     out: dict = {}
     if record.task == "NER":
         by = _group(schema.labels, ((e.type, e.name) for e in record.entities))
@@ -143,6 +148,8 @@ def target_object(record: Record, fmt: str, schema: Optional[LabelSchema] = None
                 out[label] = list(names)
             elif names:
                 out[label] = _concise_names(names)
+            elif keyed:
+                out[label] = ""
     elif record.task == "RE":
         by = _group(schema.labels, ((r.type, (r.head.name, r.tail.name)) for r in record.relations))
         for label, pairs in by.items():
@@ -150,6 +157,8 @@ def target_object(record: Record, fmt: str, schema: Optional[LabelSchema] = None
                 out[label] = [{"head": h, "tail": t} for h, t in pairs]
             elif pairs:
                 out[label] = _concise_pairs(pairs)
+            elif keyed:
+                out[label] = ""
     else:
         by = _group(schema.labels, ((e.type, e) for e in record.events))
         for label, events in by.items():
@@ -158,6 +167,8 @@ def target_object(record: Record, fmt: str, schema: Optional[LabelSchema] = None
             elif events:
                 vals = [_concise_event(ev, schema) for ev in events]
                 out[label] = vals[0] if len(vals) == 1 and isinstance(vals[0], str) else vals
+            elif keyed:
+                out[label] = ""
     return out
 
 
@@ -195,6 +206,9 @@ _OUTPUT_LINE = {
     ("NER", "concise"): 'Answer with a JSON object that maps each entity type found to its entities joined by "; ". Leave out types with no entity.',
     ("RE", "full"): 'Answer with a JSON object that has every relation type as a key and a list of {"head": ..., "tail": ...} pairs as the value ([] when there is none).',
     ("RE", "concise"): 'Answer with a JSON object that maps each relation type found to its pairs written "head -> tail" and joined by "; ". Leave out types with no relation.',
+    ("NER", "keyed"): 'Answer with a JSON object that has every entity type as a key and its entities joined by "; " as the value ("" when there is none).',
+    ("RE", "keyed"): 'Answer with a JSON object that has every relation type as a key and its pairs written "head -> tail" and joined by "; " as the value ("" when there is none).',
+    ("EE", "keyed"): 'Answer with a JSON object that has every event type as a key and its event written "trigger: Role: argument; Role: argument" as the value (a list when there are several, "" when there is none). Leave out empty roles.',
     ("EE", "full"): 'Answer with a JSON object that has every event type as a key and a list of events as the value ([] when there is none); each event is {"trigger": ..., "arguments": {role: [arguments]}} and lists every role of its type.',
     ("EE", "concise"): 'Answer with a JSON object that maps each event type found to its event written "trigger: Role: argument; Role: argument" (a list when there are several). Leave out empty types and roles.',
 }

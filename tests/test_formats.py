@@ -1,4 +1,4 @@
-"""Prompts and the two target formats, written out by hand."""
+"""Prompts and the target formats, written out by hand."""
 
 from __future__ import annotations
 
@@ -57,6 +57,24 @@ def test_concise_falls_back_to_structured_values_when_the_compact_syntax_is_ambi
             parsed = parse_output(render_target(rec, fmt), rec.task, rec.schema)
             assert parsed.ok, parsed.problems
             assert units_to_structures(parsed.units) == units_to_structures(record_units(rec))
+
+
+def test_keyed_keeps_every_label_with_concise_values_and_parses_back():
+    r = ner_rec(("John", "person"), ("Mary", "person"), ("Paris", "location"))
+    assert render_target(r, "keyed") == '{"person": "John; Mary", "location": "Paris", "organization": ""}'
+    assert render_target(ner_rec(), "keyed") == '{"person": "", "location": "", "organization": ""}'
+    rr = Record("s", "RE", "D", RE_S, relations=(Relation(Entity("Ann"), "live in", Entity("Rome")),))
+    assert render_target(rr, "keyed") == '{"work for": "", "live in": "Ann -> Rome"}'
+    ev = Event("developed", "adverse event", None, (Argument("patient", "subject"),))
+    re_ = Record("s", "EE", "D", EE_S, events=(ev,))
+    assert render_target(re_, "keyed") == '{"adverse event": "developed: Subject: patient", "therapy": ""}'
+    odd = ner_rec(("Mike May; The Band", "person"))
+    assert json.loads(render_target(odd, "keyed")) == {"person": ["Mike May; The Band"], "location": "", "organization": ""}
+    for rec in (r, ner_rec(), rr, re_, odd, Record("s", "EE", "D", EE_S)):
+        parsed = parse_output(render_target(rec, "keyed"), rec.task, rec.schema)
+        assert parsed.ok, parsed.problems
+        assert units_to_structures(parsed.units) == units_to_structures(record_units(rec))
+    assert '("" when there is none)' in build_prompt(r, "keyed")
 
 
 def test_prompt_names_task_schema_format_and_text():

@@ -93,7 +93,7 @@ class UIEDataModule(L.LightningDataModule):
         max_val_records: Optional[int] = 50,
         max_test_records: Optional[int] = None,
         on_error: Literal["error", "skip"] = "error",
-        target_format: Optional[Literal["full", "concise"]] = None,
+        target_format: Optional[Literal["full", "concise", "keyed"]] = None,
         schedule: Literal["sequential", "cumulative", "mixed"] = "sequential",
         epochs_per_phase: Union[int, list[int]] = 1,
         replay_fraction: float = 0.0,
