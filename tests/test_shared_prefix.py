@@ -310,7 +310,8 @@ def test_a_short_shared_head_runs_the_per_row_path(llama, monkeypatch):
 
 def test_cm_run_with_shared_heads_follows_the_per_row_loss_curve(tmp_path, monkeypatch):
     """The tiny CM stage trained twice from the same seed, shared heads on and off: the same loss at every step
-    and the same adapter at the end (float32, one thread), with the shared path taken in most steps."""
+    and the same adapter at the end up to AdamW's noise (float32, one thread), with the shared path taken in most
+    steps."""
     import lightning as L
 
     from prouie_pl.lightning_cli import build_cli
@@ -355,8 +356,14 @@ def test_cm_run_with_shared_heads_follows_the_per_row_loss_curve(tmp_path, monke
     assert want[-1] < want[0]  # it learns
     for a, b in zip(got, want):
         assert abs(a - b) <= 1e-4 * abs(b)
+    # AdamW moves an element by about the learning rate (2e-3) a step whatever its gradient's size, so float noise
+    # in a gradient near zero can send a lone element part of a step's move the other way (seen: 1.7e-4):
+    # elements get a bound of two steps' moves, each tensor as a whole a relative bound well below what a
+    # systematic difference gives, every element off (seen: at most 4e-4)
     for name in want_params:
-        torch.testing.assert_close(got_params[name], want_params[name], rtol=1e-3, atol=1e-5)
+        got_p, want_p = got_params[name], want_params[name]
+        torch.testing.assert_close(got_p, want_p, rtol=0.0, atol=4e-3)
+        assert float((got_p - want_p).norm() / want_p.norm()) < 5e-3, name
 
 
 @pytest.fixture()

@@ -30,7 +30,7 @@ def one_thread():
 def args_for(tmp_path, **extra):
     base = dict(model="tiny", datasets=["NER/DemoNER", "RE/DemoRE", "EE/DemoEE"], train=16, dev=2, test=3, sa_per_dataset=4,
                 data_dir=tmp_path / "data", root=tmp_path / "seed1", n_tasks=3, cm_unit=1, sa_epochs=1, de_steps=2,
-                max_new_tokens_full=8, max_new_tokens_concise=8)
+                max_new_tokens_full=8, max_new_tokens_concise=8, concise_format="concise")
     return Namespace(**{**base, **extra})
 
 
@@ -48,6 +48,9 @@ def test_the_chain_starts_each_stage_from_the_last_and_mixed_runs_for_the_chains
     mixed = sa.stage_options(stages["mixed"], args, seed=3, mixed_seconds=3725.4)
     assert mixed["trainer.max_time"] == "00:01:02:05" and mixed["trainer.max_steps"] == 100_000
     assert mixed["data.schedule"] == "mixed" and mixed["data.target_format"] == "concise"
+    keyed = args_for(tmp_path, concise_format="keyed")  # --concise-format reaches every stage that writes concise answers
+    assert [sa.stage_options(stages[k], keyed, seed=3, mixed_seconds=60.0).get("data.target_format") for k in ("sa", "de", "mixed")] \
+        == ["keyed"] * 3 and "data.target_format" not in sa.stage_options(stages["cm"], keyed, seed=3)
     # a unit counts optimizer steps: a config that accumulates two micro-batches a step trains twice the batches
     assert sa.accumulation("tiny", "cm") == 1 and sa.accumulation("gemma-3-270m", "cm") == 2
     assert sa.stage_options(stages["cm"], args_for(tmp_path, cm_unit=25, model="gemma-3-270m"), seed=3)["trainer.limit_train_batches"] == 50
