@@ -243,7 +243,9 @@ def build_parser():
     p.add_argument("--resume", action=ActionYesNo, default=False, help="skip the documents whose ids are already in --out and append the others")
     p.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace a non-empty --out")
     p.add_argument("--constrained", action=ActionYesNo, default=False, help="schema-constrained decoding: only schema keys and spans copied from the text")
-    p.add_argument("--format", type=str, default="concise", choices=FORMATS, help="answer format the model writes (concise: SA and DE stages; full: CM; keyed: a model trained on it)")
+    p.add_argument("--format", type=str, default=None, choices=FORMATS,
+                   help="answer format the model writes (concise: SA and DE stages; full: CM; keyed: a model trained on it); "
+                        "default: the one recorded in the model folder's answer_format.json, else concise")
     p.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--max_input_tokens", type=int, default=512, help="prompt tokens per window (instruction, schema and text)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="answer tokens per window")

@@ -2,13 +2,14 @@
 
 The base is loaded in bf16 (or the ``--dtype`` asked for), never 4-bit: merging into quantised weights would
 round the adapter away.  The output folder loads with ``AutoModelForCausalLM.from_pretrained`` and needs no
-PEFT; the adapter's tokenizer is saved beside it.
+PEFT; the adapter's tokenizer and its ``answer_format.json`` are saved beside it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .formats import read_answer_format, write_answer_format
 from .modeling import DTYPES, resolve_model_path
 
 
@@ -28,4 +29,7 @@ def export_merged(adapter: str, base: str, out: str, dtype: str = "bfloat16") ->
     merged.save_pretrained(out_dir)
     tok_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else resolve_model_path(base)
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
+    fmt = read_answer_format(adapter)
+    if fmt is not None:  # the merged model writes what its adapter was trained to write
+        write_answer_format(out_dir, fmt)
     return out_dir

@@ -38,7 +38,7 @@ import torch
 
 from .chat import chat_prompt_ids, stop_token_ids
 from .extraction_schema import as_schema
-from .formats import build_prompt, check_format
+from .formats import build_prompt, check_format, read_answer_format
 from .parser import parse_output
 from .schema import LabelSchema, Record
 from .span_alignment import SpanFinder
@@ -443,7 +443,8 @@ class Extractor:
         max_new_tokens: cap on answer tokens per window.
         batch_size: prompts decoded together.
         constrained: decode under the schema constraint (concise format only; see :mod:`prouie_pl.constrained`).
-        target_format: the answer format the model was trained to write, ``concise`` (SA, DE), ``full`` (CM) or ``keyed``.
+        target_format: the answer format the model was trained to write, ``concise`` (SA, DE), ``full`` (CM) or
+            ``keyed``; ``from_pretrained`` reads it from the model folder's ``answer_format.json`` when not given.
         threshold: keep only the units scored above it (0, the default, keeps all; :mod:`prouie_pl.confidence`).
         scores: score every unit (the ``score`` of each mention); off, mentions carry none and decoding skips
             the log-probabilities.
@@ -491,7 +492,8 @@ class Extractor:
                         quantization: str = "none", dtype: str = "auto", **options) -> "Extractor":
         """Load ``model``: a stage's ``adapter/`` folder (its base from ``adapter_config.json``, or ``base``), a
         merged ``export`` folder, or an embedded model name (``tiny``, ``gemma-3-270m``).  ``options`` go to
-        :class:`Extractor`."""
+        :class:`Extractor`; without a ``target_format`` (or with None) the folder's recorded answer format is
+        used, and ``concise`` where it records none."""
         from .modeling import BaseModelSettings, load_model, load_tokenizer
 
         dev = resolve_device(device)
@@ -500,6 +502,8 @@ class Extractor:
         if quantization not in ("none", "nf4"):
             raise ValueError(f"--quantization must be none or nf4, not {quantization!r}")
         path = Path(model)
+        if options.get("target_format") is None:
+            options["target_format"] = (read_answer_format(path) if path.is_dir() else None) or "concise"
         load_on = dev if (dev.type == "cuda" or quantization == "nf4") else None
         if (path / "adapter_config.json").is_file():
             base_name = base or adapter_base(path)

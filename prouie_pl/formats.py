@@ -42,6 +42,33 @@ def check_format(fmt: str, option: str = "format") -> str:
     return fmt
 
 
+ANSWER_FORMAT_FILE = "answer_format.json"
+
+
+def write_answer_format(folder, fmt: str) -> None:
+    """Record in a model folder (an adapter, a merged export) the answer format it was trained to write."""
+    from pathlib import Path
+
+    (Path(folder) / ANSWER_FORMAT_FILE).write_text(json.dumps({"format": check_format(fmt)}) + "\n", encoding="utf-8")
+
+
+def read_answer_format(folder) -> Optional[str]:
+    """The answer format recorded in ``folder`` by :func:`write_answer_format`; None when there is no record.
+    A record that names no known format is an error that names the file."""
+    from pathlib import Path
+
+    path = Path(folder) / ANSWER_FORMAT_FILE
+    if not path.is_file():
+        return None
+    try:
+        fmt = json.loads(path.read_text(encoding="utf-8")).get("format")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a JSON object with a 'format' ({err})") from None
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: 'format' must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return fmt
+
+
 def role_display(role: str) -> str:
     """Roles are written with a capital first letter in the concise format (``Subject: patient``)."""
     return role[:1].upper() + role[1:]

@@ -255,7 +255,7 @@ def load_extract_demo(spec: str) -> dict:
     return {"path": str(path), "text": obj["text"], "schema": obj["schema"]}
 
 
-def run_extract_demo(adapter: str, spec: str, target_format: str) -> dict:
+def run_extract_demo(adapter: str, spec: str, target_format: Optional[str] = None) -> dict:
     """The final adapter run on the demo paragraph as ``extract`` runs it: what the report's last section shows."""
     from .extractor import Extractor
 
@@ -271,8 +271,10 @@ def run_extract_demo(adapter: str, spec: str, target_format: str) -> dict:
                       "score": e.score})
         found += [{"kind": f"argument ({a.role})", "type": e.type, "text": a.text, "start": a.start, "end": a.end, "score": a.score}
                   for a in e.arguments]
+    fmt = ex.format
     del ex
-    return {"command": f"python -m prouie_pl extract --model {adapter} --format {target_format} --schema {demo['path']}",
+    given = f" --format {target_format}" if target_format else ""  # else the adapter's answer_format.json decides
+    return {"command": f"python -m prouie_pl extract --model {adapter}{given} --schema {demo['path']}", "format": fmt,
             "text": demo["text"], "schema": demo["schema"], "json": json.dumps(doc.to_json(), ensure_ascii=False),
             "found": found, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -351,7 +353,7 @@ def run_pipeline(config: Union[str, dict], out_dir: str, restart_from: Optional[
             extraction = old["result"]  # same adapter, same paragraph: the answer of the run that made it
         else:
             print(f"[prouie] pipeline: the {last} adapter on the extract demo paragraph")
-            extraction = run_extract_demo(infos[last]["adapter"], cfg["extract_demo"], "full" if last == "cm" else "concise")
+            extraction = run_extract_demo(infos[last]["adapter"], cfg["extract_demo"])
             saved.write_text(json.dumps({"key": key, "result": extraction}, indent=2) + "\n")
     plots = make_plots(out, results, stages, infos)
     write_markdown(out, results, plots, infos, extraction)

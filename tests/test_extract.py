@@ -322,6 +322,29 @@ def test_an_adapter_folder_loads_with_its_base_from_adapter_config(command, tiny
     assert lines(out)[0]["entities"] == [{"text": "Fay", "type": "person", "start": 0, "end": 3, "score": 1.0}]
 
 
+def test_an_adapter_folder_brings_its_answer_format_and_export_keeps_it(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from prouie_pl.export import export_merged
+    from prouie_pl.formats import ANSWER_FORMAT_FILE, write_answer_format
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(adapter)
+    assert Extractor.from_pretrained(str(adapter), device="cpu").format == "concise"  # no record: the SA/DE format
+    write_answer_format(adapter, "full")  # a CM adapter
+    assert Extractor.from_pretrained(str(adapter), device="cpu").format == "full"
+    assert Extractor.from_pretrained(str(adapter), device="cpu", target_format="keyed").format == "keyed"  # told wins
+    merged = export_merged(str(adapter), str(tiny_model_dir), str(tmp_path / "merged"), dtype="float32")
+    assert Extractor.from_pretrained(str(merged), device="cpu").format == "full"
+    (adapter / ANSWER_FORMAT_FILE).write_text('{"format": "short"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"answer_format\.json: 'format' must be one of full, concise, keyed, not 'short'"):
+        Extractor.from_pretrained(str(adapter), device="cpu")
+    (adapter / ANSWER_FORMAT_FILE).write_text("full", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"answer_format\.json: not a JSON object"):
+        Extractor.from_pretrained(str(adapter), device="cpu")
+
+
 def test_labels_from_a_data_set(command, demo_dir, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("Gus Pike visited Quito.", encoding="utf-8")

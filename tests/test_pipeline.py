@@ -135,6 +135,11 @@ def test_pipeline_runs_three_stages_hands_adapters_on_and_skips_finished_ones(tm
     tail = md.split("## The final adapter on new text", 1)[1]
     assert "python -m prouie_pl extract --model" in tail and "Helena Marsh" in tail
     demo = json.loads((out / "pipeline.json").read_text())["extract_demo"]
+    # each adapter records the format it was trained on, and extract reads the last one's without being told
+    from prouie_pl.formats import read_answer_format
+
+    assert [read_answer_format(out / s / "adapter") for s in ("cm", "sa", "de")] == ["full", "concise", "concise"]
+    assert demo["format"] == "concise" and "--format" not in demo["command"]
     doc = json.loads(demo["json"])
     assert {"entities", "relations", "events", "windows", "truncated_answers"} <= set(doc)
     for f in demo["found"]:

@@ -1,9 +1,10 @@
 """``AdapterExport``: the stage's result as a self-describing folder.
 
 At the end of fit it writes ``<dirpath>/adapter/`` (the LoRA adapter in PEFT format, loadable with
-``PeftModel.from_pretrained``, plus the tokenizer and ``training_config.yaml``: the resolved config the command
-line saved for the run, the same as its ``config.yaml``; a trainer built in Python without the command line has
-none).  When validation runs it also keeps ``<dirpath>/adapter_best/``, the adapter
+``PeftModel.from_pretrained``, plus the tokenizer, ``answer_format.json``: the answer format the data module
+trained it on, which ``extract`` uses unless told otherwise, and ``training_config.yaml``: the resolved config
+the command line saved for the run, the same as its ``config.yaml``; a trainer built in Python without the
+command line has none).  When validation runs it also keeps ``<dirpath>/adapter_best/``, the adapter
 with the best monitored score so far.
 """
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
+
+from ..formats import FORMATS, write_answer_format
 
 
 def run_config(trainer: L.Trainer) -> Optional[str]:
@@ -51,6 +54,9 @@ class AdapterExport(L.Callback):
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             pl_module.save_adapter(str(tmp))
+            fmt = getattr(trainer.datamodule, "format", None)
+            if fmt in FORMATS:
+                write_answer_format(tmp, fmt)
             config = run_config(trainer)
             if config is not None:
                 (tmp / "training_config.yaml").write_text(config, encoding="utf-8")
