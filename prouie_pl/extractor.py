@@ -503,7 +503,7 @@ class Extractor:
             raise ValueError(f"--quantization must be none or nf4, not {quantization!r}")
         path = Path(model)
         if options.get("target_format") is None:
-            options["target_format"] = (read_answer_format(path) if path.is_dir() else None) or "concise"
+            options["target_format"] = read_answer_format(path) or "concise"
         load_on = dev if (dev.type == "cuda" or quantization == "nf4") else None
         if (path / "adapter_config.json").is_file():
             base_name = base or adapter_base(path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .schema import LabelSchema, Record
@@ -47,16 +48,12 @@ ANSWER_FORMAT_FILE = "answer_format.json"
 
 def write_answer_format(folder, fmt: str) -> None:
     """Record in a model folder (an adapter, a merged export) the answer format it was trained to write."""
-    from pathlib import Path
-
     (Path(folder) / ANSWER_FORMAT_FILE).write_text(json.dumps({"format": check_format(fmt)}) + "\n", encoding="utf-8")
 
 
 def read_answer_format(folder) -> Optional[str]:
     """The answer format recorded in ``folder`` by :func:`write_answer_format`; None when there is no record.
     A record that names no known format is an error that names the file."""
-    from pathlib import Path
-
     path = Path(folder) / ANSWER_FORMAT_FILE
     if not path.is_file():
         return None
@@ -64,9 +61,7 @@ def read_answer_format(folder) -> Optional[str]:
         fmt = json.loads(path.read_text(encoding="utf-8")).get("format")
     except (ValueError, AttributeError) as err:
         raise ValueError(f"{path}: not a JSON object with a 'format' ({err})") from None
-    if fmt not in FORMATS:
-        raise ValueError(f"{path}: 'format' must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    return fmt
+    return check_format(fmt, f"{path}: 'format'")
 
 
 def role_display(role: str) -> str:
